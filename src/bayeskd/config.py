@@ -1,0 +1,193 @@
+"""The typed schema of params.yaml: every stage validates the whole file before doing any work."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+PARAMS_FILE = "params.yaml"
+
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Gaussian(Section):
+    n_samples: PositiveInt
+    n_classes: Annotated[int, Field(ge=2)]
+    dim: PositiveInt
+    noise_var: Annotated[float, Field(gt=0)]
+    train_fraction: Fraction
+    val_fraction: Fraction
+
+    @model_validator(mode="after")
+    def _test_split_left(self) -> Gaussian:
+        if self.train_fraction + self.val_fraction >= 1:
+            raise ValueError(
+                f"train_fraction + val_fraction = {self.train_fraction + self.val_fraction}: "
+                "must be below 1 so that a test split remains"
+            )
+        return self
+
+
+class Digits(Section):
+    val_fraction: Fraction
+    test_fraction: Fraction
+
+    @model_validator(mode="after")
+    def _train_split_left(self) -> Digits:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction}: "
+                "must be below 1 so that a training split remains"
+            )
+        return self
+
+
+class Data(Section):
+    name: Literal["gaussian", "digits"]
+    seed: Annotated[int, Field(ge=0)]
+    gaussian: Gaussian
+    digits: Digits
+
+
+class Optim(Section):
+    """SGD with momentum and a step schedule: lr is multiplied by gamma after each milestone epoch."""
+
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: Annotated[float, Field(gt=0)]
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    milestones: list[PositiveInt]
+    gamma: Annotated[float, Field(gt=0, le=1)]
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if v != sorted(set(v)):
+            raise ValueError(f"{v}: milestones must be strictly increasing")
+        return v
+
+
+def _known_net(name: str) -> str:
+    from bayeskd.nets import NETS
+
+    if name not in NETS:
+        raise ValueError(f"{name!r} is not a known net; expected one of {', '.join(sorted(NETS))}")
+    return name
+
+
+class Teacher(Section):
+    net: str
+    loss: Literal["ce", "mse", "ls"]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    optim: Optim
+
+    _net = field_validator("net")(_known_net)
+
+
+class Student(Section):
+    net: str
+    method: Literal["kd", "none"]
+    temperature: Annotated[float, Field(gt=0)]
+    ce_weight: Annotated[float, Field(ge=0)]
+    kd_weight: Annotated[float, Field(ge=0)]
+    optim: Optim
+
+    _net = field_validator("net")(_known_net)
+
+
+class Cache(Section):
+    dtype: Literal["float16", "float32"]
+    shard_size: PositiveInt
+
+
+class Evaluate(Section):
+    ece_bins: Annotated[int, Field(ge=1, le=1000)]
+
+
+class Export(Section):
+    opset: Annotated[int, Field(ge=17, le=23)]
+    batch_size: PositiveInt
+    latency_runs: PositiveInt
+    max_abs_diff: Annotated[float, Field(gt=0)]
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0)]
+    data: Data
+    teacher: Teacher
+    cache: Cache
+    student: Student
+    evaluate: Evaluate
+    export: Export
+
+
+class ParamsError(ValueError):
+    """params.yaml does not match the schema; the message names each key, value and what is allowed."""
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        return f"{key} = {err['input']!r}: unknown key; allowed here: {', '.join(_allowed_keys(loc[:-1]))}"
+    if err["type"] == "missing":
+        return f"{key}: missing; this key is required"
+    if err["type"] == "literal_error":
+        return f"{key} = {err['input']!r}: not allowed; expected {err['ctx']['expected']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err["input"], dict):  # a model-level check: the message already names the values
+        return f"{key}: {msg}"
+    return f"{key} = {err['input']!r}: {msg}"
+
+
+def parse(raw: object, source: str = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{source}: {_describe(err)}" for err in e.errors()]
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ParamsError(f"{path}: cannot read parameters: {e}") from None
+    return parse(raw, str(path))
+
+
+def load_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+    """For stage entry points: a bad params.yaml ends the process with exit code 2 and one message."""
+    try:
+        return load(path)
+    except ParamsError as e:
+        print(f"error: invalid parameters\n{e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,49 @@
+"""ONNX export with a dynamic batch axis, checked against torch with onnxruntime."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bayeskd.io import atomic_path
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int) -> None:
+    import onnx
+
+    model.eval()
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            model, (example,), str(tmp), dynamo=True, opset_version=opset,
+            input_names=["input"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+        )
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+
+
+def check(path: str | Path, model: nn.Module, x: torch.Tensor, batch_size: int, runs: int) -> dict:
+    """Largest |onnxruntime - torch| over the inputs `x`, in batches, and onnxruntime's median
+    latency for one batch of `batch_size`."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model.eval()
+    diff = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size]
+            got = session.run(None, {"input": xb.numpy()})[0]
+            diff = max(diff, float(np.abs(got - model(xb).numpy()).max()))
+    batch = x[:batch_size].numpy()
+    session.run(None, {"input": batch})  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {"input": batch})
+        times.append(time.perf_counter() - start)
+    return {"max_abs_diff": diff, "latency_ms": 1000 * float(np.median(times)),
+            "batch_size": len(batch)}

@@ -1,0 +1,30 @@
+"""Teacher losses. `mse` is the paper's: squared error between softmax output and one-hot label."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ce(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy, averaged over the batch."""
+    return F.cross_entropy(logits, targets)
+
+
+def mse(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """sum_k (softmax(z)_k - onehot(y)_k)^2, summed over classes and averaged over the batch.
+
+    Its population minimiser is the Bayes conditional probability p*(y|x).
+    """
+    probs = torch.softmax(logits, dim=1)
+    onehot = F.one_hot(targets, probs.shape[1]).to(probs.dtype)
+    return (probs - onehot).pow(2).sum(dim=1).mean()
+
+
+def ls(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Label-smoothed cross-entropy: target (1 - s) * onehot + s / K."""
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+TEACHER_LOSSES = {"ce": ce, "mse": mse, "ls": ls}

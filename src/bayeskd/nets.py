@@ -1,0 +1,72 @@
+"""Architectures by name. `NETS` maps each name to a builder `(num_classes, in_shape) -> nn.Module`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torch import nn
+from torchvision.ops import MLP, Conv2dNormActivation
+
+
+def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
+    """A fully connected ReLU net on the flattened input."""
+
+    def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
+        in_features = 1
+        for d in in_shape:
+            in_features *= d
+        return nn.Sequential(nn.Flatten(), MLP(in_features, [*hidden, num_classes]))
+
+    return build
+
+
+def cnn(widths: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
+    """Conv-BN-ReLU blocks (a 2x2 max-pool after the first), global average pool, linear head."""
+
+    def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
+        if len(in_shape) != 3:
+            raise ValueError(
+                f"a CNN needs image input (channels, height, width); the data has shape {tuple(in_shape)}"
+            )
+        layers: list[nn.Module] = []
+        channels = in_shape[0]
+        for i, w in enumerate(widths):
+            layers.append(Conv2dNormActivation(channels, w, kernel_size=3))
+            if i == 0:
+                layers.append(nn.MaxPool2d(2))
+            channels = w
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+        return nn.Sequential(*layers)
+
+    return build
+
+
+NETS: dict[str, Callable[[int, Sequence[int]], nn.Module]] = {
+    "mlp_teacher": mlp([128, 128]),  # the paper's synthetic-benchmark MLP (30-128-128-K)
+    "mlp_student": mlp([16]),
+    "cnn_teacher": cnn([32, 64, 128]),
+    "cnn_student": cnn([8, 16]),
+}
+
+
+def build(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.Module:
+    if name not in NETS:
+        raise ValueError(f"net {name!r} is not known; expected one of {', '.join(sorted(NETS))}")
+    return NETS[name](num_classes, in_shape)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    from bayeskd.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(model.state_dict(), str(tmp))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

@@ -1,0 +1,48 @@
+"""What every stage script shares: parameter loading, clean failures, nets and tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import NoReturn
+
+import torch
+from torch import nn
+
+from bayeskd import config, nets
+from bayeskd.data import Dataset
+from bayeskd.io import sha256_file
+
+DATA = "data/prepared"
+TEACHER = "models/teacher.safetensors"
+STUDENT = "models/student.safetensors"
+CACHE = "cache/teacher_logits"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def params() -> config.Params:
+    return config.load_or_exit()
+
+
+def build(role: str, net: str, ds: Dataset) -> nn.Module:
+    """The net named by `<role>.net`, sized for the dataset; a mismatch is a parameter error."""
+    try:
+        return nets.build(net, ds.num_classes, ds.in_shape)
+    except ValueError as e:
+        fail(f"{role}.net = {net!r} does not fit dataset {ds.name!r}: {e}", code=2)
+
+
+def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    s = ds.splits[split]
+    return torch.from_numpy(s.x), torch.from_numpy(s.y)
+
+
+def fingerprint(*parts: object, files: tuple[str, ...] = ()) -> str:
+    """Identity of a training run: its parameters and the hashes of its input files."""
+    blob = json.dumps([parts, [sha256_file(f) for f in files]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,39 @@
+"""Stage distill: train the student from the cached teacher logits (no teacher forward here)."""
+
+from common import CACHE, DATA, STUDENT, build, fail, fingerprint, params, tensors
+
+from bayeskd import data, distill, nets
+from bayeskd.cache import CacheError, LogitCache
+from bayeskd.tracking import dvclive_epochs
+from bayeskd.train import fit, seed_everything
+
+CHECKPOINT = "checkpoints/student.pt"
+
+
+def main() -> None:
+    p = params()
+    s = p.student
+    ds = data.load(DATA, ("train", "val"))
+    x, y = tensors(ds, "train")
+    try:
+        teacher = LogitCache(CACHE, num_samples=len(y), num_classes=ds.num_classes)
+    except CacheError as e:
+        fail(str(e))
+    seed_everything(p.seed)
+    model = build("student", s.net, ds)
+    hparams = {"temperature": s.temperature, "ce_weight": s.ce_weight, "kd_weight": s.kd_weight}
+
+    def loss_fn(logits, targets, idx, epoch):
+        return distill.loss_terms(s.method, logits, teacher.logits(idx), targets, epoch, **hparams)
+
+    with dvclive_epochs("dvclive/student") as on_epoch:
+        history = fit(model, loss_fn, x, y, s.optim, seed=p.seed, checkpoint=CHECKPOINT,
+                      val=tensors(ds, "val"), on_epoch=on_epoch, name=f"student[{s.method}]",
+                      fingerprint=fingerprint(s.model_dump(), p.seed,
+                                              files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
+    nets.save_weights(model, STUDENT)
+    print(f"student {s.net} ({s.method}) done: val acc {history[-1]['val/acc']:.4f} -> {STUDENT}")
+
+
+if __name__ == "__main__":
+    main()

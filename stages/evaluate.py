@@ -1,0 +1,47 @@
+"""Stage evaluate: test-split metrics of teacher and student, reliability and confusion plot data."""
+
+import csv
+
+from common import DATA, STUDENT, TEACHER, build, params, tensors
+
+from bayeskd import data, metrics, nets
+from bayeskd.io import atomic_path, write_json
+from bayeskd.train import predict
+
+METRICS = "reports/metrics.json"
+PLOTS = "reports/plots"
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    p = params()
+    ds = data.load(DATA, ("test",))
+    x, y = tensors(ds, "test")
+    test = ds.splits["test"]
+    bins = p.evaluate.ece_bins
+    out, probs = {}, {}
+    for role, net, weights in (("teacher", p.teacher.net, TEACHER), ("student", p.student.net, STUDENT)):
+        model = nets.load_weights(build(role, net, ds), weights)
+        probs[role] = metrics.softmax(predict(model, x).numpy())
+        out[role] = metrics.summary(probs[role], test.y, bins, test.p)
+        write_csv(f"{PLOTS}/reliability_{role}.csv", metrics.reliability(probs[role], test.y, bins))
+    out["agreement"] = float((probs["teacher"].argmax(1) == probs["student"].argmax(1)).mean())
+    if "bayes_accuracy" in ds.info:
+        out["bayes_accuracy"] = ds.info["bayes_accuracy"]
+    write_json(METRICS, out)
+    write_csv(f"{PLOTS}/confusion_student.csv",
+              [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, probs["student"].argmax(1))])
+    for role in ("teacher", "student"):
+        shown = " ".join(f"{k} {v:.4f}" for k, v in out[role].items())
+        print(f"{role}: {shown}")
+    print(f"agreement {out['agreement']:.4f} -> {METRICS}")
+
+
+if __name__ == "__main__":
+    main()

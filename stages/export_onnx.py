@@ -1,0 +1,32 @@
+"""Stage export_onnx: teacher and student to ONNX, checked against torch with onnxruntime."""
+
+from common import DATA, STUDENT, TEACHER, build, fail, params, tensors
+
+from bayeskd import data, export, nets
+from bayeskd.io import write_json
+
+REPORT = "reports/export.json"
+
+
+def main() -> None:
+    p = params()
+    e = p.export
+    ds = data.load(DATA, ("test",))
+    x, _ = tensors(ds, "test")  # held-out inputs for the parity check
+    report = {}
+    for role, net, weights in (("teacher", p.teacher.net, TEACHER), ("student", p.student.net, STUDENT)):
+        model = nets.load_weights(build(role, net, ds), weights)
+        path = f"models/{role}.onnx"
+        export.to_onnx(model, x[:2], path, e.opset)
+        report[role] = export.check(path, model, x, e.batch_size, e.latency_runs)
+        r = report[role]
+        print(f"{role} -> {path}: max |onnxruntime - torch| {r['max_abs_diff']:.2e}, "
+              f"{r['latency_ms']:.3f} ms per batch of {r['batch_size']}")
+    write_json(REPORT, report)
+    worst = max(r["max_abs_diff"] for r in report.values())
+    if worst > e.max_abs_diff:
+        fail(f"ONNX output differs from torch by {worst:.3g} > export.max_abs_diff = {e.max_abs_diff}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Stage train_teacher: train the teacher with teacher.loss (ce, mse or ls); resumable per epoch."""
+
+from common import DATA, TEACHER, build, fingerprint, params, tensors
+
+from bayeskd import data, nets
+from bayeskd.losses import TEACHER_LOSSES
+from bayeskd.tracking import dvclive_epochs
+from bayeskd.train import fit, seed_everything
+
+CHECKPOINT = "checkpoints/teacher.pt"
+
+
+def main() -> None:
+    p = params()
+    t = p.teacher
+    ds = data.load(DATA, ("train", "val"))
+    seed_everything(p.seed)
+    model = build("teacher", t.net, ds)
+    loss = TEACHER_LOSSES[t.loss]
+
+    def loss_fn(logits, y, idx, epoch):
+        return {t.loss: loss(logits, y, t.label_smoothing)}
+
+    with dvclive_epochs("dvclive/teacher") as on_epoch:
+        history = fit(model, loss_fn, *tensors(ds, "train"), t.optim, seed=p.seed,
+                      checkpoint=CHECKPOINT, val=tensors(ds, "val"), on_epoch=on_epoch,
+                      fingerprint=fingerprint(t.model_dump(), p.seed, files=(f"{DATA}/train.npz",)),
+                      name=f"teacher[{t.loss}]")
+    nets.save_weights(model, TEACHER)
+    print(f"teacher {t.net} ({t.loss}) done: val acc {history[-1]['val/acc']:.4f} -> {TEACHER}")
+
+
+if __name__ == "__main__":
+    main()
