@@ -20,7 +20,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: in
         torch.onnx.export(
             model, (example,), str(tmp), dynamo=True, opset_version=opset,
             input_names=["input"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
         )
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
 
