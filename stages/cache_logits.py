@@ -1,10 +1,9 @@
 """Stage cache_logits: teacher logits of every training sample, with a manifest, for distill."""
 
-from common import CACHE, DATA, TEACHER, build, params, tensors
-
 from bayeskd import cache, data, nets
 from bayeskd.io import sha256_file
 from bayeskd.train import predict
+from common import CACHE, DATA, TEACHER, build, params, tensors
 
 
 def main() -> None:

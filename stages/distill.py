@@ -1,11 +1,10 @@
 """Stage distill: train the student from the cached teacher logits (no teacher forward here)."""
 
-from common import CACHE, DATA, STUDENT, build, fail, fingerprint, params, tensors
-
 from bayeskd import data, distill, nets
 from bayeskd.cache import CacheError, LogitCache
 from bayeskd.tracking import dvclive_epochs
 from bayeskd.train import fit, seed_everything
+from common import CACHE, DATA, STUDENT, build, fail, fingerprint, params, tensors
 
 CHECKPOINT = "checkpoints/student.pt"
 

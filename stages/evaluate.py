@@ -2,11 +2,10 @@
 
 import csv
 
-from common import DATA, STUDENT, TEACHER, build, params, tensors
-
 from bayeskd import data, metrics, nets
 from bayeskd.io import atomic_path, write_json
 from bayeskd.train import predict
+from common import DATA, STUDENT, TEACHER, build, params, tensors
 
 METRICS = "reports/metrics.json"
 PLOTS = "reports/plots"
@@ -22,7 +21,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
 def main() -> None:
     p = params()
     ds = data.load(DATA, ("test",))
-    x, y = tensors(ds, "test")
+    x, _ = tensors(ds, "test")
     test = ds.splits["test"]
     bins = p.evaluate.ece_bins
     out, probs = {}, {}
@@ -35,8 +34,9 @@ def main() -> None:
     if "bayes_accuracy" in ds.info:
         out["bayes_accuracy"] = ds.info["bayes_accuracy"]
     write_json(METRICS, out)
+    predicted = probs["student"].argmax(1)
     write_csv(f"{PLOTS}/confusion_student.csv",
-              [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, probs["student"].argmax(1))])
+              [{"actual": int(a), "predicted": int(b)} for a, b in zip(test.y, predicted, strict=True)])
     for role in ("teacher", "student"):
         shown = " ".join(f"{k} {v:.4f}" for k, v in out[role].items())
         print(f"{role}: {shown}")

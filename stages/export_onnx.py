@@ -1,9 +1,8 @@
 """Stage export_onnx: teacher and student to ONNX, checked against torch with onnxruntime."""
 
-from common import DATA, STUDENT, TEACHER, build, fail, params, tensors
-
 from bayeskd import data, export, nets
 from bayeskd.io import write_json
+from common import DATA, STUDENT, TEACHER, build, fail, params, tensors
 
 REPORT = "reports/export.json"
 

@@ -1,9 +1,8 @@
 """Stage prepare: make the dataset, validate every split with Great Expectations, write data/prepared."""
 
-from common import DATA, fail, params
-
 from bayeskd import data
 from bayeskd.validation import DataValidationError, validate
+from common import DATA, fail, params
 
 REPORT = "reports/validation.json"
 

@@ -1,11 +1,10 @@
 """Stage train_teacher: train the teacher with teacher.loss (ce, mse or ls); resumable per epoch."""
 
-from common import DATA, TEACHER, build, fingerprint, params, tensors
-
 from bayeskd import data, nets
 from bayeskd.losses import TEACHER_LOSSES
 from bayeskd.tracking import dvclive_epochs
 from bayeskd.train import fit, seed_everything
+from common import DATA, TEACHER, build, fingerprint, params, tensors
 
 CHECKPOINT = "checkpoints/teacher.pt"
 

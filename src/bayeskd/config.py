@@ -145,10 +145,10 @@ class ParamsError(ValueError):
 def _allowed_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = Params
     for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        sub = getattr(model.model_fields.get(str(part)), "annotation", None)
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
             return []
-        model = field.annotation
+        model = sub
     return list(model.model_fields)
 
 

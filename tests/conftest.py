@@ -1,0 +1,55 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)  # the environment's python and dvc
+
+
+def tiny_params(**overrides) -> dict:
+    """The project's params.yaml shrunk so a whole pipeline run takes seconds."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"]["gaussian"].update(n_samples=4000, train_fraction=0.3, val_fraction=0.1)
+    for role in ("teacher", "student"):
+        p[role]["optim"].update(epochs=3, milestones=[2], lr=0.05)
+    p["export"].update(latency_runs=3)
+    for dotted, value in overrides.items():
+        *parents, key = dotted.split(".")
+        node = p
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    return p
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    """A copy of the project's tracked files in a fresh git repository, with tiny parameters.
+
+    Returns a function `write_params(**overrides)` bound to the copy; the copy is `.root`.
+    """
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    dest = tmp_path / "project"
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
+    return dest

@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from bayeskd import config
+from conftest import ROOT, run
+
+
+def raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_are_valid():
+    p = config.load(ROOT / "params.yaml")
+    assert p.teacher.loss in ("ce", "mse", "ls")
+    assert p.data.name == "gaussian"
+
+
+def error_for(mutate) -> str:
+    r = raw()
+    mutate(r)
+    with pytest.raises(config.ParamsError) as e:
+        config.parse(r)
+    return str(e.value)
+
+
+def test_value_outside_its_set_names_key_value_and_choices():
+    msg = error_for(lambda r: r["teacher"].update(loss="hinge"))
+    assert "teacher.loss" in msg and "'hinge'" in msg
+    assert "'ce'" in msg and "'mse'" in msg and "'ls'" in msg
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    msg = error_for(lambda r: r["student"].update(temprature=3.0))
+    assert "student.temprature" in msg and "unknown key" in msg
+    assert "temperature" in msg.split("allowed here:")[1]
+
+
+def test_wrong_type_names_key_and_value():
+    msg = error_for(lambda r: r["teacher"]["optim"].update(epochs="ten"))
+    assert "teacher.optim.epochs = 'ten'" in msg and "integer" in msg
+
+
+def test_unknown_net_lists_registered_nets():
+    msg = error_for(lambda r: r["student"].update(net="resnet9000"))
+    assert "student.net = 'resnet9000'" in msg and "mlp_student" in msg
+
+
+def test_cross_field_check():
+    msg = error_for(lambda r: r["data"]["gaussian"].update(train_fraction=0.6, val_fraction=0.5))
+    assert "data.gaussian" in msg and "test split" in msg
+
+
+def test_missing_key():
+    msg = error_for(lambda r: r["export"].pop("opset"))
+    assert "export.opset: missing" in msg
+
+
+def test_bad_params_stop_a_stage_before_it_writes(project):
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["teacher"]["loss"] = "hinge"
+    (project / "params.yaml").write_text(yaml.safe_dump(p))
+    before = sorted(x.relative_to(project) for x in project.rglob("*") if ".git" not in x.parts)
+    result = run(["python", "stages/prepare.py"], project, check=False)
+    assert result.returncode == 2
+    assert "teacher.loss = 'hinge'" in result.stderr and "'mse'" in result.stderr
+    assert "Traceback" not in result.stderr
+    after = sorted(x.relative_to(project) for x in project.rglob("*") if ".git" not in x.parts)
+    assert after == before

@@ -1,0 +1,28 @@
+import onnx
+import pytest
+import torch
+
+from bayeskd import export, nets
+
+
+@pytest.mark.parametrize("name,in_shape", [("mlp_teacher", (30,)), ("cnn_teacher", (1, 8, 8))])
+def test_onnx_matches_torch_for_any_batch_size(tmp_path, name, in_shape):
+    torch.manual_seed(0)
+    model = nets.build(name, 10, in_shape).eval()
+    path = tmp_path / f"{name}.onnx"
+    export.to_onnx(model, torch.randn(2, *in_shape), path, opset=18)
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
+    x = torch.randn(300, *in_shape)
+    report = export.check(path, model, x, batch_size=128, runs=3)  # batches of 128, 128 and 44
+    assert report["max_abs_diff"] <= 1e-4
+    assert report["latency_ms"] > 0 and report["batch_size"] == 128
+
+
+def test_parity_check_detects_a_different_model(tmp_path):
+    torch.manual_seed(0)
+    model = nets.build("mlp_student", 10, (30,)).eval()
+    export.to_onnx(model, torch.randn(2, 30), tmp_path / "m.onnx", opset=18)
+    other = nets.build("mlp_student", 10, (30,)).eval()
+    report = export.check(tmp_path / "m.onnx", other, torch.randn(64, 30), batch_size=64, runs=1)
+    assert report["max_abs_diff"] > 1e-3

@@ -1,0 +1,106 @@
+"""The real pipeline through DVC on a copy of the project, with tiny parameters."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import BIN, run, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def runs_in(exp_show: list) -> list[dict]:
+    """Every (params, metrics) pair in `dvc exp show --json` output, baseline and experiments."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "params" in data and "metrics" in data:
+                found.append({
+                    "rev": node.get("name") or node.get("rev"),
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": (data["metrics"].get("reports/metrics.json") or {}).get("data"),
+                })
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(exp_show)
+    return found
+
+
+def test_repro_then_mse_experiment(project):
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    for role in ("teacher", "student"):
+        assert set(metrics[role]) == {"accuracy", "nll", "ece", "brier", "bcpd_mse"}
+        assert 0.15 < metrics[role]["accuracy"] <= 1  # chance is 0.1
+    assert 0 <= metrics["agreement"] <= 1 and 0.4 < metrics["bayes_accuracy"] < 0.8
+    exported = json.loads((project / "reports/export.json").read_text())
+    assert all(exported[r]["max_abs_diff"] <= 1e-4 for r in ("teacher", "student"))
+    manifest = json.loads((project / "cache/teacher_logits/manifest.json").read_text())
+    assert manifest["num_samples"] == 1200 and manifest["dtype"] == "float16"
+    assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
+
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ce baseline"], project)
+    run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
+
+    runs = runs_in(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
+    by_loss = {r["params"]["teacher"]["loss"]: r["metrics"] for r in runs if r["metrics"]}
+    assert set(by_loss) == {"ce", "mse"}
+    assert by_loss["ce"]["teacher"]["bcpd_mse"] != by_loss["mse"]["teacher"]["bcpd_mse"]
+    assert by_loss["mse"] == json.loads((project / "reports/metrics.json").read_text())
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    assert "teacher.bcpd_mse" in diff["reports/metrics.json"]
+    run(["dvc", "plots", "diff", "HEAD", "-o", "plots_out"], project)
+    html = (project / "plots_out/index.html").read_text()
+    for plot in ("training_loss", "reliability", "student_confusion"):
+        assert plot in html
+
+    bad = run(["dvc", "exp", "run", "-S", "teacher.loss=hinge"], project, check=False)
+    assert bad.returncode != 0
+    assert "teacher.loss = 'hinge': not allowed; expected 'ce', 'mse' or 'ls'" in bad.stdout + bad.stderr
+
+
+def test_killed_stage_resumes_bit_identical(project):
+    params = tiny_params(**{"data.gaussian.n_samples": 30000, "data.gaussian.train_fraction": 0.8,
+                            "teacher.optim.epochs": 8, "teacher.optim.milestones": [5]})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["python", "stages/prepare.py"], project)
+    weights, ckpt = project / "models/teacher.safetensors", project / "checkpoints/teacher.pt"
+    curve = project / "dvclive/teacher/plots/metrics/train/loss.tsv"
+
+    run(["python", "stages/train_teacher.py"], project)
+    reference, reference_curve = weights.read_bytes(), curve.read_text()
+    ckpt.unlink()
+    weights.unlink()
+
+    proc = subprocess.Popen([f"{BIN}/python", "stages/train_teacher.py"], cwd=project,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            done = len(torch.load(ckpt, weights_only=True)["history"])
+            if done >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the stage finished before it could be killed"
+    assert 2 <= done < 8 and not weights.exists()
+
+    out = run(["python", "stages/train_teacher.py"], project).stdout
+    assert "resuming after epoch" in out
+    assert weights.read_bytes() == reference
+    assert curve.read_text() == reference_curve

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from bayeskd import nets
+from bayeskd.config import Optim
+from bayeskd.losses import ce
+from bayeskd.train import fit, lr_at, seed_everything
+
+CFG = Optim(epochs=6, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[2, 4],
+            gamma=0.1)
+
+
+def toy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return x, y
+
+
+def loss_fn(logits, y, idx, epoch):
+    return {"ce": ce(logits, y)}
+
+
+def train(tmp_path, name="ck.pt", on_epoch=None, fingerprint="a", seed=0):
+    seed_everything(seed)
+    model = nets.build("mlp_student", 3, (5,))
+    x, y = toy()
+    history = fit(model, loss_fn, x, y, CFG, seed=seed, checkpoint=tmp_path / name,
+                  fingerprint=fingerprint, val=(x[:50], y[:50]), on_epoch=on_epoch)
+    return model, history
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_step_schedule():
+    assert [lr_at(CFG, e) for e in range(6)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_training_learns_and_repeats_bit_for_bit(tmp_path):
+    a, hist = train(tmp_path, "a.pt")
+    b, _ = train(tmp_path, "b.pt")
+    assert same_weights(a, b)
+    assert hist[-1]["train/loss"] < hist[0]["train/loss"] and hist[-1]["val/acc"] > 0.8
+    c, _ = train(tmp_path, "c.pt", seed=1)
+    assert not same_weights(a, c)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    reference, ref_hist = train(tmp_path, "ref.pt")
+
+    def die_after_epoch_3(epoch, metrics):
+        if epoch == 2:
+            raise Killed
+    with pytest.raises(Killed):
+        train(tmp_path, "run.pt", on_epoch=die_after_epoch_3)
+    assert len(torch.load(tmp_path / "run.pt", weights_only=True)["history"]) == 3
+
+    seen = []
+    resumed, hist = train(tmp_path, "run.pt", on_epoch=lambda e, m: seen.append(e))
+    assert same_weights(resumed, reference)
+    assert hist == ref_hist
+    assert seen == list(range(6))  # restored epochs are replayed to the logger, in order
+
+
+def test_checkpoint_of_other_inputs_is_not_resumed(tmp_path, capsys):
+    train(tmp_path, "ck.pt", fingerprint="first")
+    fresh, _ = train(tmp_path, "ck.pt", fingerprint="second")
+    assert "starting afresh" in capsys.readouterr().out
+    reference, _ = train(tmp_path, "other.pt", fingerprint="second")
+    assert same_weights(fresh, reference)
