@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,7 @@ run: setup
 	. $(BIN)/activate && dvc repro
 
 test: setup
+	$(BIN)/ruff check .
 	. $(BIN)/activate && pytest
 
 lint: setup
