@@ -71,7 +71,9 @@ def test_save_load_roundtrip(small_gaussian, tmp_path):
 def test_validation_passes_good_data(small_gaussian, tmp_path):
     validate(small_gaussian, tmp_path / "v.json")
     report = json.loads((tmp_path / "v.json").read_text())
-    assert report["success"] and len(report["results"]) == 4
+    assert report["success"] and [r["suite"] for r in report["suites"]] == [
+        "train", "val", "test", "splits_disjoint"]
+    assert all(e["success"] for r in report["suites"] for e in r["expectations"])
 
 
 def corrupt(ds, split, **arrays):
