@@ -42,6 +42,14 @@ def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(s.x), torch.from_numpy(s.y)
 
 
+def each(*hooks):
+    """One per-epoch hook that calls all of `hooks`."""
+    def call(epoch, metrics):
+        for hook in hooks:
+            hook(epoch, metrics)
+    return call
+
+
 def fingerprint(*parts: object, files: tuple[str, ...] = ()) -> str:
     """Identity of a training run: its parameters and the hashes of its input files."""
     blob = json.dumps([parts, [sha256_file(f) for f in files]], sort_keys=True, default=str)

@@ -2,9 +2,9 @@
 
 from bayeskd import data, distill, nets
 from bayeskd.cache import CacheError, LogitCache
-from bayeskd.tracking import dvclive_epochs
+from bayeskd.tracking import dvclive_epochs, mlflow_run
 from bayeskd.train import fit, seed_everything
-from common import CACHE, DATA, STUDENT, build, fail, fingerprint, params, tensors
+from common import CACHE, DATA, STUDENT, build, each, fail, fingerprint, params, tensors
 
 CHECKPOINT = "checkpoints/student.pt"
 
@@ -25,9 +25,10 @@ def main() -> None:
     def loss_fn(logits, targets, idx, epoch):
         return distill.loss_terms(s.method, logits, teacher.logits(idx), targets, epoch, **hparams)
 
-    with dvclive_epochs("dvclive/student") as on_epoch:
+    with mlflow_run() as run, dvclive_epochs("dvclive/student") as live:
         history = fit(model, loss_fn, x, y, s.optim, seed=p.seed, checkpoint=CHECKPOINT,
-                      val=tensors(ds, "val"), on_epoch=on_epoch, name=f"student[{s.method}]",
+                      val=tensors(ds, "val"), on_epoch=each(live, run.epoch_hook("student")),
+                      name=f"student[{s.method}]",
                       fingerprint=fingerprint(s.model_dump(), p.seed,
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
     nets.save_weights(model, STUDENT)

@@ -2,6 +2,7 @@
 
 from bayeskd import data, export, nets
 from bayeskd.io import write_json
+from bayeskd.tracking import MODEL_NAME, mlflow_run
 from common import DATA, STUDENT, TEACHER, build, fail, params, tensors
 
 REPORT = "reports/export.json"
@@ -25,6 +26,12 @@ def main() -> None:
     worst = max(r["max_abs_diff"] for r in report.values())
     if worst > e.max_abs_diff:
         fail(f"ONNX output differs from torch by {worst:.3g} > export.max_abs_diff = {e.max_abs_diff}")
+    with mlflow_run() as run:
+        run.log_metrics({"export": report})
+        run.log_artifacts(REPORT)
+        version = run.register_onnx("models/student.onnx", x[:2].numpy())
+    if version:
+        print(f"registered models/student.onnx as {MODEL_NAME} version {version}")
 
 
 if __name__ == "__main__":

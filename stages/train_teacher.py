@@ -2,9 +2,9 @@
 
 from bayeskd import data, nets
 from bayeskd.losses import TEACHER_LOSSES
-from bayeskd.tracking import dvclive_epochs
+from bayeskd.tracking import dvclive_epochs, mlflow_run
 from bayeskd.train import fit, seed_everything
-from common import DATA, TEACHER, build, fingerprint, params, tensors
+from common import DATA, TEACHER, build, each, fingerprint, params, tensors
 
 CHECKPOINT = "checkpoints/teacher.pt"
 
@@ -20,9 +20,10 @@ def main() -> None:
     def loss_fn(logits, y, idx, epoch):
         return {t.loss: loss(logits, y, t.label_smoothing)}
 
-    with dvclive_epochs("dvclive/teacher") as on_epoch:
+    with mlflow_run() as run, dvclive_epochs("dvclive/teacher") as live:
         history = fit(model, loss_fn, *tensors(ds, "train"), t.optim, seed=p.seed,
-                      checkpoint=CHECKPOINT, val=tensors(ds, "val"), on_epoch=on_epoch,
+                      checkpoint=CHECKPOINT, val=tensors(ds, "val"),
+                      on_epoch=each(live, run.epoch_hook("teacher")),
                       fingerprint=fingerprint(t.model_dump(), p.seed, files=(f"{DATA}/train.npz",)),
                       name=f"teacher[{t.loss}]")
     nets.save_weights(model, TEACHER)
