@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import torch
 from torch import nn
 
+import bayeskd
 from bayeskd import config, nets
 from bayeskd.data import Dataset
 from bayeskd.io import sha256_file
@@ -51,6 +53,7 @@ def each(*hooks):
 
 
 def fingerprint(*parts: object, files: tuple[str, ...] = ()) -> str:
-    """Identity of a training run: its parameters and the hashes of its input files."""
-    blob = json.dumps([parts, [sha256_file(f) for f in files]], sort_keys=True, default=str)
+    """Identity of a training run: its parameters, input files and the library's code."""
+    code = sorted(Path(bayeskd.__file__).parent.glob("*.py"))
+    blob = json.dumps([parts, [sha256_file(f) for f in (*files, *code)]], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,5 +1,7 @@
 """Stage distill: train the student from the cached teacher logits (no teacher forward here)."""
 
+from pathlib import Path
+
 from bayeskd import data, distill, nets
 from bayeskd.cache import CacheError, LogitCache
 from bayeskd.tracking import dvclive_epochs, mlflow_run
@@ -32,6 +34,7 @@ def main() -> None:
                       fingerprint=fingerprint(s.model_dump(), p.seed,
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
     nets.save_weights(model, STUDENT)
+    Path(CHECKPOINT).unlink()  # only a killed run needs it
     print(f"student {s.net} ({s.method}) done: val acc {history[-1]['val/acc']:.4f} -> {STUDENT}")
 
 

@@ -1,5 +1,7 @@
 """Stage train_teacher: train the teacher with teacher.loss (ce, mse or ls); resumable per epoch."""
 
+from pathlib import Path
+
 from bayeskd import data, nets
 from bayeskd.losses import TEACHER_LOSSES
 from bayeskd.tracking import dvclive_epochs, mlflow_run
@@ -27,6 +29,7 @@ def main() -> None:
                       fingerprint=fingerprint(t.model_dump(), p.seed, files=(f"{DATA}/train.npz",)),
                       name=f"teacher[{t.loss}]")
     nets.save_weights(model, TEACHER)
+    Path(CHECKPOINT).unlink()  # only a killed run needs it
     print(f"teacher {t.net} ({t.loss}) done: val acc {history[-1]['val/acc']:.4f} -> {TEACHER}")
 
 

@@ -82,7 +82,7 @@ def test_killed_stage_resumes_bit_identical(project):
 
     run(["python", "stages/train_teacher.py"], project)
     reference, reference_curve = weights.read_bytes(), curve.read_text()
-    ckpt.unlink()
+    assert not ckpt.exists()  # removed once the weights are written
     weights.unlink()
 
     proc = subprocess.Popen([f"{BIN}/python", "stages/train_teacher.py"], cwd=project,
@@ -104,3 +104,4 @@ def test_killed_stage_resumes_bit_identical(project):
     assert "resuming after epoch" in out
     assert weights.read_bytes() == reference
     assert curve.read_text() == reference_curve
+    assert not ckpt.exists()
