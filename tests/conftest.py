@@ -49,7 +49,7 @@ def project(tmp_path: Path):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    run(["git", "init", "-q"], dest)
+    run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
     return dest

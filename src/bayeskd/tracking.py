@@ -4,7 +4,7 @@ Each stage that runs logs into the MLflow run of its pipeline execution, found b
 git commit, the DVC experiment name and the contents of params.yaml (so the stages of one
 `dvc repro` or `dvc exp run` share a run). The default store is `mlflow.db` (SQLite) in the project
 root, also when DVC runs an experiment in a temporary directory; MLFLOW_TRACKING_URI overrides it.
-Tracking never fails a stage: an error is reported once as a warning and tracking stops there.
+Tracking never fails a stage: an error is reported once on stderr and tracking stops there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
-import warnings
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,8 +96,8 @@ class Run:
             return fn(*args, **kwargs)
         except Exception as e:  # tracking must never cost a stage its outputs
             self.active = False
-            warnings.warn(f"MLflow tracking off for this stage ({what} failed at {tracking_uri()}): "
-                          f"{type(e).__name__}: {e}", stacklevel=2)
+            print(f"warning: MLflow tracking off for this stage ({what} failed at {tracking_uri()}): "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return None
 
     def start(self) -> Run:

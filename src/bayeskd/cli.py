@@ -1,0 +1,78 @@
+"""The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits) and
+`diff` (the Markdown that the pull-request workflow posts)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from bayeskd import report
+
+MARKER = "<!-- bayeskd-metrics-diff -->"
+
+
+def compare(args: argparse.Namespace) -> str:
+    runs = report.collect(args.repo, tuple(args.revs), args.all_commits)
+    if not runs:
+        raise SystemExit("error: no runs with reports/metrics.json found; run `dvc repro` or "
+                         "`dvc exp run` first")
+    if args.plot:
+        png = report.plot(runs, args.plot)
+        print(f"wrote {png} and {args.plot}/points.csv", file=sys.stderr)
+    return report.FORMATS[args.format](report.summarise(runs))
+
+
+def _table(markdown: str) -> str:
+    """DVC's Markdown table, or '' when it has no rows."""
+    lines = markdown.strip().splitlines()
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def diff(args: argparse.Namespace) -> str:
+    revs = [args.a_rev] + ([args.b_rev] if args.b_rev else [])
+    b = f"`{args.b_rev}`" if args.b_rev else "the workspace"
+    params = _table(report.dvc("params", "diff", *revs, "--md", repo=args.repo))
+    metrics = _table(report.dvc("metrics", "diff", *revs, "--md", repo=args.repo))
+    runs = report.collect(args.repo, tuple(revs))
+    return "\n".join([
+        MARKER,
+        f"## bayeskd: `{args.a_rev}` against {b}",
+        "", "### Parameters", "", params or "No parameter changed.",
+        "", "### Metrics", "", metrics or "No metric changed.",
+        "", "### CE- vs MSE-trained teachers", "",
+        report.to_markdown(report.summarise(runs)) if runs else "No runs with metrics.",
+        "Intervals: 95% Student-t over the paired seeds; none is shown for a single seed.",
+    ]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bayeskd", description=__doc__)
+    parser.add_argument("--repo", default=".", help="the DVC project (default: here)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="CE vs MSE teachers across DVC experiments and commits")
+    c.add_argument("revs", nargs="*", help="git revisions whose runs and experiments to read "
+                   "(default: the workspace and all experiments of HEAD)")
+    c.add_argument("-A", "--all-commits", action="store_true", help="read every commit")
+    c.add_argument("--format", choices=sorted(report.FORMATS), default="table")
+    c.add_argument("--plot", metavar="DIR", help="also write DIR/student_vs_teacher.png and "
+                   "DIR/points.csv")
+    c.set_defaults(run=compare)
+
+    d = sub.add_parser("diff", help="Markdown: params and metrics diff plus the comparison table, "
+                       "as posted on pull requests")
+    d.add_argument("a_rev", help="the base revision, e.g. main")
+    d.add_argument("b_rev", nargs="?", help="the new revision (default: the workspace)")
+    d.set_defaults(run=diff)
+
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
+    try:
+        sys.stdout.write(args.run(args))
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

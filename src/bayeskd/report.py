@@ -1,0 +1,262 @@
+"""Comparisons across DVC experiments and commits: CE- vs MSE-trained teachers, over seeds.
+
+Runs are read from `dvc exp show --json` (params and metrics per revision). Runs are grouped into
+configurations: all parameters except `teacher.loss`, `seed` and `export.*`. Within a configuration
+the student accuracy of each teacher loss is summarised over seeds, and MSE is compared with CE by
+the paired difference over the seeds both have, with a 95% Student-t interval.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bayeskd.tracking import flatten
+
+METRICS_FILE = "reports/metrics.json"
+VARIED = ("teacher.loss", "seed")
+
+
+@dataclass
+class Run:
+    rev: str
+    params: dict
+    metrics: dict
+
+
+def dvc(*args: str, repo: str | Path = ".") -> str:
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{out.stderr.strip()}")
+    return out.stdout
+
+
+def runs_in(exp_show: object) -> list[Run]:
+    """Every revision with params and metrics in `dvc exp show --json` output."""
+    found: list[Run] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "params" in data and "metrics" in data:
+                metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+                if metrics and params:
+                    rev = str(node.get("rev", ""))
+                    found.append(Run(node.get("name") or (rev[:7] if len(rev) == 40 else rev),
+                                     params, metrics))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(exp_show)
+    return found
+
+
+def collect(repo: str | Path = ".", revs: tuple[str, ...] = (), all_commits: bool = False) -> list[Run]:
+    """The workspace and experiments of HEAD by default; of `revs`, or of every commit, if given."""
+    args = ["exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
+    for r in revs:
+        args += ["--rev", r]
+    return runs_in(json.loads(dvc(*args, repo=repo)))
+
+
+def unique(runs: list[Run]) -> list[Run]:
+    """One run per (configuration, teacher loss, seed). A revision listed twice (the workspace and
+    the commit or experiment it holds) counts once; two revisions with the same parameters but
+    different metrics (code changed between them) keep the first, with a warning."""
+    kept: dict[tuple, Run] = {}
+    for r in runs:
+        key = (config_key(r.params), r.params["teacher"]["loss"], int(r.params["seed"]))
+        if key not in kept:
+            kept[key] = r
+        elif kept[key].metrics != r.metrics:
+            warnings.warn(f"{kept[key].rev} and {r.rev} have the same parameters but different "
+                          f"metrics; using {kept[key].rev} (compare them with separate commands)",
+                          stacklevel=2)
+    return list(kept.values())
+
+
+def config_key(params: dict) -> tuple:
+    flat = flatten(params)
+    return tuple(sorted((k, json.dumps(v)) for k, v in flat.items()
+                        if k not in VARIED and not k.startswith("export.")))
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """95% Student-t interval of the mean; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+@dataclass
+class Row:
+    config: str
+    loss: str
+    seeds: list[int]
+    teacher_accuracy: float
+    teacher_ece: float
+    teacher_bcpd_mse: float | None
+    student_accuracy: list[float]
+    diff: list[float] = field(default_factory=list)  # paired student accuracy, this loss - ce
+    revs: list[str] = field(default_factory=list)
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _label(params: dict, varying: set[str]) -> str:
+    flat = flatten(params)
+    base = (f"{flat['data.name']}: {flat['teacher.net']} -> {flat['student.net']} "
+            f"({flat['student.method']})")
+    extra = ", ".join(f"{k}={flat[k]}" for k in sorted(varying) if k in flat)
+    return f"{base} {extra}".strip()
+
+
+def summarise(runs: list[Run]) -> list[Row]:
+    groups: dict[tuple, dict[str, dict[int, Run]]] = {}
+    example: dict[tuple, dict] = {}
+    for r in unique(runs):
+        key = config_key(r.params)
+        example.setdefault(key, r.params)
+        groups.setdefault(key, {}).setdefault(r.params["teacher"]["loss"], {})[int(r.params["seed"])] = r
+    # name configurations by the parameters that tell them apart
+    values: dict[str, set] = {}
+    for key in groups:
+        for k, v in key:
+            values.setdefault(k, set()).add(v)
+    varying = {k for k, v in values.items() if len(v) > 1}
+
+    rows = []
+    for key, by_loss in groups.items():
+        label = _label(example[key], varying)
+        for loss in sorted(by_loss, key=lambda x: (x != "ce", x)):
+            seeds = sorted(by_loss[loss])
+            m = [by_loss[loss][s].metrics for s in seeds]
+            row = Row(label, loss, seeds,
+                      _mean([x["teacher"]["accuracy"] for x in m]),
+                      _mean([x["teacher"]["ece"] for x in m]),
+                      _mean([x["teacher"].get("bcpd_mse") for x in m]),
+                      [x["student"]["accuracy"] for x in m],
+                      revs=[by_loss[loss][s].rev for s in seeds])
+            if loss != "ce" and "ce" in by_loss:
+                row.diff = [by_loss[loss][s].metrics["student"]["accuracy"]
+                            - by_loss["ce"][s].metrics["student"]["accuracy"]
+                            for s in seeds if s in by_loss["ce"]]
+            rows.append(row)
+    return rows
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _cells(row: Row) -> list[str]:
+    acc = row.student_accuracy
+    student = _fmt(statistics.fmean(acc)) + (f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else "")
+    if row.diff:
+        ci = t_interval(row.diff)
+        diff = f"{statistics.fmean(row.diff):+.4f}" + (
+            f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "") + f" (n={len(row.diff)})"
+    else:
+        diff = ""
+    return [row.config, row.loss, str(len(row.seeds)), _fmt(row.teacher_accuracy),
+            _fmt(row.teacher_ece), _fmt(row.teacher_bcpd_mse), student, diff]
+
+
+HEADER = ["configuration", "teacher loss", "seeds", "teacher acc", "teacher ECE", "teacher bcpd_mse",
+          "student acc (mean ± sd)", "student acc vs ce: paired diff [95% t-interval]"]
+
+
+def to_markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_table(rows: list[Row]) -> str:
+    table = [HEADER] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out) + "\n"
+
+
+def to_csv(rows: list[Row]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["configuration", "teacher_loss", "seeds", "teacher_accuracy", "teacher_ece",
+                "teacher_bcpd_mse", "student_accuracy_mean", "student_accuracy_sd", "diff_vs_ce_mean",
+                "diff_vs_ce_ci_low", "diff_vs_ce_ci_high", "diff_vs_ce_n"])
+    for r in rows:
+        acc = r.student_accuracy
+        ci = t_interval(r.diff) if r.diff else None
+        w.writerow([r.config, r.loss, len(r.seeds), r.teacher_accuracy, r.teacher_ece,
+                    "" if r.teacher_bcpd_mse is None else r.teacher_bcpd_mse, statistics.fmean(acc),
+                    statistics.stdev(acc) if len(acc) > 1 else "",
+                    statistics.fmean(r.diff) if r.diff else "", ci[0] if ci else "",
+                    ci[1] if ci else "", len(r.diff) if r.diff else ""])
+    return buf.getvalue()
+
+
+FORMATS = {"table": to_table, "md": to_markdown, "csv": to_csv}
+
+
+def plot(runs: list[Run], directory: str | Path) -> Path:
+    """Student accuracy against teacher bcpd_mse and teacher ECE, one point per run: a PNG and the
+    points as CSV (`reports/compare/points.csv` is a DVC plot in dvc.yaml)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayeskd.io import atomic_path, write_text
+
+    directory = Path(directory)
+    points = [{"rev": r.rev, "teacher_loss": r.params["teacher"]["loss"], "seed": r.params["seed"],
+               "teacher_bcpd_mse": r.metrics["teacher"].get("bcpd_mse"),
+               "teacher_ece": r.metrics["teacher"]["ece"],
+               "student_accuracy": r.metrics["student"]["accuracy"]} for r in unique(runs)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(points[0]))
+    w.writeheader()
+    w.writerows(points)
+    write_text(directory / "points.csv", buf.getvalue())
+
+    panels = [("teacher_bcpd_mse", "teacher bcpd_mse (distance to p*)"), ("teacher_ece", "teacher ECE")]
+    panels = [p for p in panels if any(pt[p[0]] is not None for pt in points)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for loss, marker in (("ce", "o"), ("mse", "s"), ("ls", "^")):
+            pts = [p for p in points if p["teacher_loss"] == loss and p[key] is not None]
+            if pts:
+                ax.scatter([p[key] for p in pts], [p["student_accuracy"] for p in pts],
+                           marker=marker, label=f"{loss} teacher", alpha=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("student accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Student accuracy against how well the teacher estimates p*")
+    fig.tight_layout()
+    png = directory / "student_vs_teacher.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return png

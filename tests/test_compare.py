@@ -1,0 +1,88 @@
+"""`bayeskd compare` and `bayeskd diff` on a real project: a commit, a queued CE/MSE seed sweep, a
+second commit; with the MLflow store that the runs filled."""
+
+import csv
+import io
+import json
+import statistics
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from bayeskd import tracking
+from conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def commit(project, message):
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], project)
+    return run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+
+
+def files_at(project, ref):
+    """params.yaml and reports/metrics.json as git holds them at `ref` (DVC not involved)."""
+    show = lambda path: run(["git", "show", f"{ref}:{path}"], project).stdout  # noqa: E731
+    return yaml.safe_load(show("params.yaml")), json.loads(show("reports/metrics.json"))
+
+
+def test_seed_sweep_compare_diff_and_tracking(project):
+    run(["dvc", "repro"], project)
+    first = commit(project, "ce baseline")
+
+    run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce,mse", "-S", "seed=0,1"], project)
+    run(["dvc", "queue", "start"], project)
+    deadline = time.monotonic() + 600
+    while any(s in run(["dvc", "queue", "status"], project).stdout for s in ("Queued", "Running")):
+        assert time.monotonic() < deadline, "the queue did not finish"
+        time.sleep(2)
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
+    exp_names = {r.rsplit("/", 1)[1] for r in refs}
+    assert len(exp_names) == 4
+
+    accuracy = {}  # (loss, seed) -> student accuracy, from the files in git
+    for ref in [first, *refs]:
+        params, metrics = files_at(project, ref)
+        accuracy[params["teacher"]["loss"], params["seed"]] = metrics["student"]["accuracy"]
+    assert set(accuracy) == {(loss, seed) for loss in ("ce", "mse") for seed in (0, 1)}
+
+    out = run(["bayeskd", "compare", "--format", "csv", "--plot", "reports/compare"], project).stdout
+    rows = {r["teacher_loss"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert set(rows) == {"ce", "mse"} and rows["mse"]["seeds"] == "2"
+    assert float(rows["mse"]["student_accuracy_mean"]) == pytest.approx(
+        statistics.fmean([accuracy["mse", 0], accuracy["mse", 1]]))
+    diffs = [accuracy["mse", s] - accuracy["ce", s] for s in (0, 1)]
+    assert float(rows["mse"]["diff_vs_ce_mean"]) == pytest.approx(statistics.fmean(diffs))
+    assert float(rows["mse"]["diff_vs_ce_ci_low"]) < statistics.fmean(diffs) < float(
+        rows["mse"]["diff_vs_ce_ci_high"])
+    assert (project / "reports/compare/student_vs_teacher.png").stat().st_size > 10_000
+    assert "± " in run(["bayeskd", "compare"], project).stdout  # the terminal table
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["student"]["method"] = "none"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], project)
+    second = commit(project, "baseline student")
+
+    md = run(["bayeskd", "diff", first, second], project).stdout
+    assert md.startswith("<!-- bayeskd-metrics-diff -->")
+    params_section = md.split("### Parameters")[1].split("### Metrics")[0]
+    assert "student.method" in params_section and "kd" in params_section and "none" in params_section
+    metrics_section = md.split("### Metrics")[1].split("### CE-")[0]
+    assert "student.accuracy" in metrics_section
+    table = md.split("### CE- vs MSE-trained teachers")[1]
+    assert "student.method=kd" in table and "student.method=none" in table
+
+    # MLflow: the queued runs, executed in temporary copies, logged into the project's store
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    logged = client.search_runs([experiment.experiment_id])
+    tagged = {r.data.tags["dvc.experiment"] for r in logged}
+    assert "" in tagged and len(tagged & exp_names) >= 3  # (ce, 0) equals the baseline: run cache
+    alias = client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.MAIN_ALIAS)
+    latest_main = client.get_run(alias.run_id)
+    assert latest_main.data.tags["dvc.experiment"] == ""
+    assert latest_main.data.params["student.method"] == "none"
