@@ -49,8 +49,9 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+def tracking_uri(root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else mlflow.db (SQLite) in the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
 def _git(*args: str) -> str:
