@@ -1,0 +1,211 @@
+"""Prefect flows: under prefect_test_harness, and against a real `prefect server` with process
+workers that deploy from prefect.yaml."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from bayeskd import flows
+from bayeskd.config import ParamsError
+from conftest import BIN, run
+
+pytestmark = pytest.mark.slow
+
+
+def exp_names(project: Path) -> set[str]:
+    out = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
+    return {r.rsplit("/", 1)[1] for r in out}
+
+
+def artifact(client, key: str):
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda a: a.created)[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_pipeline_flow_saves_an_experiment_and_publishes_metrics(project, harness, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    remote = tmp_path / "dvc-remote"
+    result = flows.pipeline(repo=str(project), teacher_loss="mse", seed=1, experiment="flow-mse",
+                            dvc_remote=str(remote))
+    assert result["experiment"] == "flow-mse" and 0 < result["metrics"]["teacher"]["accuracy"] <= 1
+    assert "flow-mse" in exp_names(project)
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert '"loss": "mse"' in shown
+    assert any(remote.rglob("*")), "outputs were not pushed to the DVC remote"
+    assert not any((project / flows.WORKSPACES).glob("*/")), "the workspace of a success is removed"
+    assert run(["git", "status", "--porcelain"], project).stdout == ""  # the user's tree untouched
+
+    with get_client(sync_client=True) as client:
+        md = artifact(client, "bayeskd-metrics").data
+    assert "flow-mse" in md and "| teacher.bcpd_mse |" in md
+    runs = mlflow.MlflowClient().search_runs(
+        [mlflow.MlflowClient().get_experiment_by_name("bayeskd").experiment_id])
+    assert {r.data.tags["dvc.experiment"] for r in runs} == {"flow-mse"}
+
+
+def test_bad_override_fails_before_any_stage(project, harness):
+    with pytest.raises(ParamsError, match="teacher.optim.epochs = 'many'"):
+        flows.pipeline(repo=str(project), set_params={"teacher.optim.epochs": "many"}, push=False)
+    assert not (project / flows.WORKSPACES).exists()
+
+
+def test_failing_stage_fails_the_run_with_its_own_error(project, harness, tmp_path):
+    state = flows.pipeline(repo=str(project), set_params={"teacher.net": "cnn_teacher"},
+                           push=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(flows.StageFailed) as e:
+        state.result()
+    assert e.value.stage == "train_teacher" and e.value.exit_code == 2 and not e.value.transient
+    assert "teacher.net = 'cnn_teacher' does not fit dataset 'gaussian'" in str(e.value)
+    kept = [p for p in (project / flows.WORKSPACES).iterdir() if p.is_dir()]
+    assert len(kept) == 1 and (kept[0] / "data/prepared/train.npz").exists()  # kept to resume
+
+
+def test_one_workspace_per_flow_run(tmp_path):
+    with flows.locked_workspace(tmp_path, "abc") as ws:
+        with pytest.raises(RuntimeError, match="another flow run is using the workspace"):
+            with flows.locked_workspace(tmp_path, "abc"):
+                pass
+    with flows.locked_workspace(tmp_path, "abc") as again:  # released afterwards
+        assert again == ws
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real Prefect server on 127.0.0.1 at a free port; stopped afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {
+        "PATH": BIN + os.pathsep + os.environ["PATH"], "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    proc = start([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                 env, tmp_path, tmp_path / "server.log")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(1)
+    try:
+        yield url, env
+    finally:
+        stop(proc)
+
+
+def wait_final(client, flow_run_id, timeout=600):
+    deadline = time.monotonic() + timeout
+    while True:
+        fr = client.read_flow_run(flow_run_id)
+        if fr.state and fr.state.is_final():
+            return fr
+        assert time.monotonic() < deadline, f"flow run still {fr.state.name}"
+        time.sleep(2)
+
+
+def test_deployments_workers_and_comparison_on_a_real_server(project, server, tmp_path):
+    url, env = server
+    remote = str(tmp_path / "dvc-remote")
+    prefect = f"{BIN}/prefect"
+    subprocess.run([prefect, "work-pool", "create", "gpu", "--type", "process"], env=env, check=True,
+                   capture_output=True)
+    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=project, capture_output=True,
+                            text=True, env=env | {"BAYESKD_GIT_URL": str(project)})
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+    workers = []
+    try:
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            deployments = {d.name: d for d in client.read_deployments()}
+            assert set(deployments) == {"nightly", "weekly-comparison"}
+            for d in deployments.values():
+                assert not d.paused and d.work_pool_name == "gpu"
+                assert d.schedules and all(s.active for s in d.schedules)
+            assert deployments["nightly"].schedules[0].schedule.cron == "0 2 * * *"
+
+            for name in ("w1", "w2"):
+                (tmp_path / name).mkdir()
+                workers.append(start([prefect, "worker", "start", "--pool", "gpu", "--name", name,
+                                      "--limit", "1"], env, tmp_path / name, tmp_path / f"{name}.log"))
+
+            fr = client.create_flow_run_from_deployment(
+                deployments["nightly"].id, parameters={"experiment": "nightly-run", "dvc_remote": remote})
+            fr = wait_final(client, fr.id)
+            assert fr.state.is_completed(), [p.read_text()[-3000:] for p in tmp_path.glob("w*.log")]
+            assert "nightly-run" in exp_names(project)
+            assert artifact(client, "bayeskd-metrics").flow_run_id == fr.id
+
+            # the comparison, here in this process; its variants go to the two workers
+            os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+            try:
+                table = flows.compare(teacher_losses=["ce", "mse"], seeds=[3], repo=str(project),
+                                      deployment="bayeskd-pipeline/nightly", dvc_remote=remote)
+            finally:
+                del os.environ["MLFLOW_TRACKING_URI"]
+            assert "| ce | 1 |" in table and "| mse | 1 |" in table
+            variants = [r for r in client.read_flow_runs() if r.name.startswith(("ce-seed3", "mse-seed3"))]
+            assert len(variants) == 2 and all(v.state.is_completed() for v in variants)
+            a, b = sorted(variants, key=lambda r: r.start_time)
+            assert b.start_time < a.end_time, "the two variants did not run concurrently"
+            assert "CE vs MSE" in artifact(client, "bayeskd-comparison").data
+        assert (project / "reports/compare/table.csv").exists()
+    finally:
+        for w in workers:
+            stop(w)
+    parents = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("bayeskd").experiment_id],
+        filter_string="tags.`mlflow.parentRunId` != ''")
+    assert len(parents) == 2  # both variants are children of the comparison's run
+
+
+def test_flow_module_runs_without_a_server(project, tmp_path):
+    env = os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"],
+                        "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    run(["dvc", "remote", "modify", "--local", "shared", "url", str(tmp_path / "dvc-remote")], project)
+    out = subprocess.run([sys.executable, "-m", "flows.pipeline", "teacher.loss=ls", "student.method=none"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert any(n.startswith("ls-seed0-") for n in exp_names(project))
