@@ -14,7 +14,7 @@ def test_torchvision_imports_and_runs_an_op():
     assert torchvision.__version__.split("+")[0] == "0.29.2"
 
 
-@pytest.mark.parametrize("name", sorted(nets.NETS))
+@pytest.mark.parametrize("name", sorted(nets.EMBEDDED))
 def test_every_net_builds_and_classifies(name):
     in_shape = (1, 8, 8) if name.startswith("cnn") else (30,)
     model = nets.build(name, 7, in_shape)
@@ -22,7 +22,7 @@ def test_every_net_builds_and_classifies(name):
 
 
 def test_teacher_is_larger_than_student():
-    count = {n: sum(p.numel() for p in nets.build(n, 10, (1, 8, 8)).parameters()) for n in nets.NETS}
+    count = {n: sum(p.numel() for p in nets.build(n, 10, (1, 8, 8)).parameters()) for n in nets.EMBEDDED}
     assert count["mlp_teacher"] > 4 * count["mlp_student"]
     assert count["cnn_teacher"] > 4 * count["cnn_student"]
 
@@ -31,6 +31,11 @@ def test_paper_mlp_shape():
     # 30-128-128-10: (30*128+128) + (128*128+128) + (128*10+10)
     model = nets.build("mlp_teacher", 10, (30,))
     assert sum(p.numel() for p in model.parameters()) == 3968 + 16512 + 1290
+
+
+def test_zoo_is_registered():
+    model = nets.build("resnet8x4", 100, (3, 32, 32))
+    assert sum(p.numel() for p in model.parameters()) == 1_233_540
 
 
 def test_bad_names_and_shapes_are_clear():

@@ -1,4 +1,5 @@
-"""Architectures by name. `NETS` maps each name to a builder `(num_classes, in_shape) -> nn.Module`."""
+"""Architectures by name. `NETS` maps each name to a builder `(num_classes, in_shape) -> nn.Module`:
+small MLPs and CNNs for the embedded datasets, and the CIFAR KD model zoo of `bayeskd.zoo`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 from torch import nn
 from torchvision.ops import MLP, Conv2dNormActivation
+
+from bayeskd.zoo import ZOO
 
 
 def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
@@ -42,12 +45,14 @@ def cnn(widths: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
     return build
 
 
-NETS: dict[str, Callable[[int, Sequence[int]], nn.Module]] = {
+# small nets for the embedded datasets
+EMBEDDED: dict[str, Callable[[int, Sequence[int]], nn.Module]] = {
     "mlp_teacher": mlp([128, 128]),  # the paper's synthetic-benchmark MLP (30-128-128-K)
     "mlp_student": mlp([16]),
     "cnn_teacher": cnn([32, 64, 128]),
     "cnn_student": cnn([8, 16]),
 }
+NETS = EMBEDDED | ZOO  # plus the standard CIFAR KD zoo (bayeskd.zoo)
 
 
 def build(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.Module:

@@ -1,0 +1,54 @@
+"""Wide residual networks (pre-activation): `wrn_{depth}_{widen}` has a 3x3 stem to 16 channels and
+three stages of (depth - 4) / 6 blocks with widths 16, 32, 64 times `widen`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bayeskd.zoo._layers import ZooNet
+
+
+def _bn_relu(ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm2d(ch), nn.ReLU())
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride, padding=1, bias=False)
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3 twice with a residual connection. When the shape changes, the shortcut is a
+    1x1 convolution of the activated input; otherwise it is the raw input."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.preact = _bn_relu(in_ch)
+        self.residual = nn.Sequential(
+            _conv3x3(in_ch, out_ch, stride), _bn_relu(out_ch), _conv3x3(out_ch, out_ch)
+        )
+        self.projection = (
+            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.preact(x)
+        skip = x if self.projection is None else self.projection(a)
+        return self.residual(a) + skip
+
+
+def wide_resnet(depth: int, widen: int, num_classes: int) -> ZooNet:
+    """Features: the stem, the three stages' (pre-activation) outputs, and `head`, the final
+    BN-ReLU of the last stage, before the pre-logit vector."""
+    if (depth - 4) % 6:
+        raise ValueError(f"a wide resnet needs depth 6n + 4; got {depth}")
+    n = (depth - 4) // 6
+    body: dict[str, nn.Module] = {"stem": _conv3x3(3, 16)}
+    in_ch = 16
+    for i, (width, stride) in enumerate([(16, 1), (32, 2), (64, 2)], start=1):
+        out_ch = width * widen
+        blocks = [PreActBlock(in_ch if j == 0 else out_ch, out_ch, stride if j == 0 else 1) for j in range(n)]
+        body[f"stage{i}"] = nn.Sequential(*blocks)
+        in_ch = out_ch
+    body["head"] = _bn_relu(in_ch)
+    return ZooNet(body, in_ch, num_classes)
