@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -209,3 +210,31 @@ def test_flow_module_runs_without_a_server(project, tmp_path):
                          cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert any(n.startswith("ls-seed0-") for n in exp_names(project))
+
+
+def test_killed_flow_run_leaves_no_partial_output_and_its_rerun_resumes(project, tmp_path):
+    env = os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1",
+                        "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    run(["dvc", "remote", "modify", "--local", "shared", "url", str(tmp_path / "dvc-remote")], project)
+    args = [sys.executable, "-m", "flows.pipeline", "data.gaussian.n_samples=30000",
+            "data.gaussian.train_fraction=0.8", "teacher.optim.epochs=8", "teacher.optim.milestones=[5]"]
+    first = start(args, env, project, tmp_path / "first.log")
+    deadline = time.monotonic() + 300
+    ckpt = None
+    while first.poll() is None and time.monotonic() < deadline:
+        found = list((project / flows.WORKSPACES).glob("*/checkpoints/teacher.pt"))
+        if found and len(torch.load(found[0], weights_only=True)["history"]) >= 2:
+            ckpt = found[0]
+            os.killpg(first.pid, signal.SIGKILL)  # the worker dies: flow, stage and all
+            break
+        time.sleep(0.05)
+    first.wait()
+    assert ckpt is not None, (tmp_path / "first.log").read_text()[-3000:]
+    workspace = ckpt.parents[1]
+    assert not (workspace / "models/teacher.safetensors").exists()
+
+    second = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "teacher[ce]: resuming after epoch" in second.stdout + second.stderr
+    assert not workspace.exists()
