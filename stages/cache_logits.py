@@ -1,9 +1,11 @@
-"""Stage cache_logits: teacher logits of every training sample, with a manifest, for distill."""
+"""Stage cache_logits: teacher logits for every (training sample, view), with a manifest, for distill."""
 
 from bayeskd import cache, data, nets
 from bayeskd.io import sha256_file
-from bayeskd.train import predict
-from common import CACHE, DATA, TEACHER, build, params, tensors
+from bayeskd.validation import DataValidationError, validate_cache
+from common import CACHE, DATA, TEACHER, augmentation, build, fail, params, tensors
+
+REPORT = "reports/cache_validation.json"
 
 
 def main() -> None:
@@ -11,12 +13,18 @@ def main() -> None:
     ds = data.load(DATA, ("train",))
     model = nets.load_weights(build("teacher", p.teacher.net, ds), TEACHER)
     x, y = tensors(ds, "train")
-    logits = predict(model, x).numpy()[:, None, :]  # one view per sample: the unaugmented input
-    m = cache.write(logits, CACHE, dtype=p.cache.dtype, shard_size=p.cache.shard_size,
-                    teacher_sha256=sha256_file(TEACHER), augmentation={"name": "identity", "views": 1})
-    acc = (logits[:, 0].argmax(1) == y.numpy()).mean()
-    print(f"cached {m['num_samples']} x {m['num_views']} views x {m['num_classes']} logits "
-          f"({m['dtype']}, {len(m['shards'])} shards) -> {CACHE}; teacher train acc {acc:.4f}")
+    c = p.cache
+    m = cache.build(model, x, y, CACHE, num_classes=ds.num_classes, augment=augmentation(p), views=c.views,
+                    seed=p.seed, dtype=c.dtype, shard_size=c.shard_size, topk=c.topk,
+                    teacher_sha256=sha256_file(TEACHER))
+    try:
+        validate_cache(m, REPORT)
+    except DataValidationError as e:
+        fail(f"the teacher-output cache failed validation (full results in {REPORT}):\n{e}")
+    accuracy = sum(s["accuracy"] * (s["stop"] - s["start"]) for s in m["shards"]) / m["num_samples"]
+    stored = m["dtype"] + (f", top-{m['topk']}" if m["topk"] else "")
+    print(f"cached {m['num_samples']} samples x {m['num_slots']} views x {m['num_classes']} classes "
+          f"({stored}, {len(m['shards'])} shards) -> {CACHE}; teacher accuracy on the views {accuracy:.4f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch import nn
 
 import bayeskd
 from bayeskd import config, nets
+from bayeskd.augment import CropFlip
 from bayeskd.data import Dataset
 from bayeskd.io import sha256_file
 
@@ -37,6 +38,11 @@ def build(role: str, net: str, ds: Dataset) -> nn.Module:
         return nets.build(net, ds.num_classes, ds.in_shape)
     except ValueError as e:
         fail(f"{role}.net = {net!r} does not fit dataset {ds.name!r}: {e}", code=2)
+
+
+def augmentation(p: config.Params) -> CropFlip | None:
+    """The training views: None when data.augment.padding is 0."""
+    return CropFlip(p.data.augment.padding) if p.data.augment.padding else None
 
 
 def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:

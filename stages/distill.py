@@ -3,10 +3,23 @@
 from pathlib import Path
 
 from bayeskd import data, distill, nets
-from bayeskd.cache import CacheError, LogitCache
+from bayeskd.cache import IDENTITY, CacheError, LogitCache
+from bayeskd.io import sha256_file
 from bayeskd.tracking import dvclive_epochs, mlflow_run
 from bayeskd.train import fit, seed_everything
-from common import CACHE, DATA, STUDENT, build, each, fail, fingerprint, params, tensors
+from common import (
+    CACHE,
+    DATA,
+    STUDENT,
+    TEACHER,
+    augmentation,
+    build,
+    each,
+    fail,
+    fingerprint,
+    params,
+    tensors,
+)
 
 CHECKPOINT = "checkpoints/student.pt"
 
@@ -16,20 +29,25 @@ def main() -> None:
     s = p.student
     ds = data.load(DATA, ("train", "val"))
     x, y = tensors(ds, "train")
+    aug = augmentation(p)
     try:
-        teacher = LogitCache(CACHE, num_samples=len(y), num_classes=ds.num_classes)
+        teacher = LogitCache(CACHE, num_samples=len(y), num_classes=ds.num_classes,
+                             teacher_sha256=sha256_file(TEACHER),
+                             augmentation=aug.spec() if aug else IDENTITY)
     except CacheError as e:
         fail(str(e))
     seed_everything(p.seed)
     model = build("student", s.net, ds)
     hparams = {"temperature": s.temperature, "ce_weight": s.ce_weight, "kd_weight": s.kd_weight}
 
-    def loss_fn(logits, targets, idx, epoch):
-        return distill.loss_terms(s.method, logits, teacher.logits(idx), targets, epoch, **hparams)
+    def loss_fn(logits, batch, epoch):
+        teacher_logits = teacher.logits(batch.idx, batch.slots)  # the cached view: no teacher forward
+        return distill.loss_terms(s.method, logits, teacher_logits, batch.y, epoch, **hparams)
 
     with mlflow_run() as run, dvclive_epochs("dvclive/student") as live:
         history = fit(model, loss_fn, x, y, s.optim, seed=p.seed, checkpoint=CHECKPOINT,
                       val=tensors(ds, "val"), on_epoch=each(live, run.epoch_hook("student")),
+                      augment=aug, view_table=teacher.view_table if aug else None,
                       name=f"student[{s.method}]",
                       fingerprint=fingerprint(s.model_dump(), p.seed,
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))

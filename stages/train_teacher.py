@@ -6,7 +6,7 @@ from bayeskd import data, nets
 from bayeskd.losses import TEACHER_LOSSES
 from bayeskd.tracking import dvclive_epochs, mlflow_run
 from bayeskd.train import fit, seed_everything
-from common import DATA, TEACHER, build, each, fingerprint, params, tensors
+from common import DATA, TEACHER, augmentation, build, each, fingerprint, params, tensors
 
 CHECKPOINT = "checkpoints/teacher.pt"
 
@@ -19,14 +19,15 @@ def main() -> None:
     model = build("teacher", t.net, ds)
     loss = TEACHER_LOSSES[t.loss]
 
-    def loss_fn(logits, y, idx, epoch):
-        return {t.loss: loss(logits, y, t.label_smoothing)}
+    def loss_fn(logits, batch, epoch):
+        return {t.loss: loss(logits, batch.y, t.label_smoothing)}
 
     with mlflow_run() as run, dvclive_epochs("dvclive/teacher") as live:
         history = fit(model, loss_fn, *tensors(ds, "train"), t.optim, seed=p.seed,
                       checkpoint=CHECKPOINT, val=tensors(ds, "val"),
-                      on_epoch=each(live, run.epoch_hook("teacher")),
-                      fingerprint=fingerprint(t.model_dump(), p.seed, files=(f"{DATA}/train.npz",)),
+                      on_epoch=each(live, run.epoch_hook("teacher")), augment=augmentation(p),
+                      fingerprint=fingerprint(t.model_dump(), p.seed, p.data.augment.model_dump(),
+                                              files=(f"{DATA}/train.npz",)),
                       name=f"teacher[{t.loss}]")
     nets.save_weights(model, TEACHER)
     Path(CHECKPOINT).unlink()  # only a killed run needs it

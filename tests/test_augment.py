@@ -38,7 +38,7 @@ def test_batch_gets_one_view_per_sample():
     x = torch.rand(5, 3, 32, 32)
     views = torch.tensor([0, 161, 80, 7, 100])
     got = aug.apply(x, views)
-    for i, v in enumerate(views):
+    for i in range(len(views)):
         top, left, flip = (t[i].item() for t in aug.decode(views))
         torch.testing.assert_close(got[i], reference_view(x[i], top, left, flip, 4), rtol=0, atol=0)
 

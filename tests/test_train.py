@@ -17,8 +17,8 @@ def toy():
     return x, y
 
 
-def loss_fn(logits, y, idx, epoch):
-    return {"ce": ce(logits, y)}
+def loss_fn(logits, batch, epoch):
+    return {"ce": ce(logits, batch.y)}
 
 
 def train(tmp_path, name="ck.pt", on_epoch=None, fingerprint="a", seed=0):

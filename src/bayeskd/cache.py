@@ -1,86 +1,200 @@
-"""The teacher-output cache: teacher logits per (training sample, augmentation view).
+"""The teacher-output cache: teacher logits for every (training sample, augmentation view).
 
-On disk: `manifest.json` and shards `shard-NNNNN.npy`, each an array of shape
-(samples in shard, views, classes) covering a contiguous range of sample indices. Shards are
-memory-mapped when read. The manifest records counts, dtype, each shard's sha256, the teacher
-checkpoint's sha256 and the augmentation that defines the views, so a consumer can check it is
-reading the outputs of the teacher and views it expects.
+On disk, in one directory:
+- `views.npy`: int16 (samples, slots), the view id each slot of each sample holds: every view of the
+  view space (`views: all`, slot = view id) or `n` views per sample drawn by seed.
+- shards, each covering a contiguous range of samples: `shard-NNNNN.logits.npy` of shape
+  (samples in shard, slots, classes); or, with top-k storage, `.topk_values.npy`,
+  `.topk_indices.npy` (int16) and `.rest_logsumexp.npy` (float32, the log of the softmax mass of
+  the other classes, so softmax at temperature 1 keeps the top-k probabilities and the rest's total).
+  float16 and float32 are stored as such; bfloat16 as its raw 16 bits (numpy has no bfloat16).
+- `manifest.json`: counts, dtype, top-k, the augmentation spec, the teacher checkpoint's sha256,
+  and every file's sha256. Written last: without it the cache is incomplete.
+- `progress.json` while building: the shards done so far, so a killed build resumes from the last
+  complete shard (if the teacher, views and format are the same).
+
+Readers memory-map the shards and check every checksum before training starts.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from bayeskd.augment import CropFlip
 from bayeskd.io import atomic_path, sha256_file, write_json
 
-FORMAT = "bayeskd.logit_cache/1"
-MANIFEST = "manifest.json"
+FORMAT = "bayeskd.logit_cache/2"
+MANIFEST, PROGRESS, VIEWS = "manifest.json", "progress.json", "views.npy"
+IDENTITY = {"name": "identity", "views": 1}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class CacheError(RuntimeError):
-    """The cache does not match what the consumer expects, or a shard is damaged."""
+    """The cache does not match what the consumer expects, or a file is damaged."""
 
 
-def write(logits: np.ndarray, directory: str | Path, *, dtype: str, shard_size: int,
-          teacher_sha256: str, augmentation: dict) -> dict:
-    """Write `logits` of shape (samples, views, classes) as shards plus a manifest; return it."""
+def _encode(t: Tensor, dtype: str) -> np.ndarray:
+    t = t.to(TORCH_DTYPES[dtype])
+    return (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
+
+
+def _decode(a: np.ndarray, dtype: str) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).float()
+
+
+def view_table(num_samples: int, augment: CropFlip | None, views: int | str, seed: int) -> np.ndarray:
+    """The view id of each (sample, slot): all views, or `views` distinct ones per sample by seed."""
+    total = 1 if augment is None else augment.num_views
+    every = np.tile(np.arange(total, dtype=np.int16), (num_samples, 1))
+    if views == "all" or views >= total:
+        return every
+    return np.sort(np.random.default_rng(seed).permuted(every, axis=1)[:, :views], axis=1)
+
+
+def _save(directory: Path, name: str, array: np.ndarray) -> str:
+    with atomic_path(directory / name) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        return sha256_file(tmp)
+
+
+@torch.no_grad()
+def teacher_logits(model: nn.Module, x: Tensor, table: np.ndarray, augment: CropFlip | None,
+                   batch_size: int) -> Tensor:
+    """float32 logits of shape (samples, slots, classes) for the views named by `table`."""
+    n, slots = table.shape
+    sample = torch.arange(n).repeat_interleave(slots)
+    view = torch.from_numpy(table.reshape(-1).astype(np.int64))
+    model.eval()
+    out = []
+    for a in range(0, n * slots, batch_size):
+        s, v = sample[a : a + batch_size], view[a : a + batch_size]
+        out.append(model(x[s] if augment is None else augment.apply(x[s], v)).float())
+    return torch.cat(out).reshape(n, slots, -1)
+
+
+def _shard_arrays(logits: Tensor, dtype: str, topk: int) -> dict[str, np.ndarray]:
+    if not topk:
+        return {"logits": _encode(logits, dtype)}
+    values, indices = logits.topk(topk, dim=-1)
+    rest = logits.scatter(-1, indices, float("-inf")).logsumexp(-1)
+    return {"topk_values": _encode(values, dtype), "topk_indices": indices.to(torch.int16).numpy(),
+            "rest_logsumexp": rest.numpy()}
+
+
+def build(model: nn.Module, x: Tensor, y: Tensor, directory: str | Path, *, num_classes: int,
+          augment: CropFlip | None, views: int | str, seed: int, dtype: str, shard_size: int,
+          topk: int, teacher_sha256: str, batch_size: int = 256,
+          log: Callable[[str], None] = print) -> dict:
+    """Build (or resume building) the cache of `model`'s logits on `x`; return the manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    n, views, classes = logits.shape
-    shards = []
-    for i, start in enumerate(range(0, n, shard_size)):
-        stop = min(start + shard_size, n)
-        name = f"shard-{i:05d}.npy"
-        with atomic_path(directory / name) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, logits[start:stop].astype(dtype))
-            digest = sha256_file(tmp)
-        shards.append({"file": name, "start": start, "stop": stop, "sha256": digest})
-    manifest = {
-        "format": FORMAT, "num_samples": n, "num_views": views, "num_classes": classes,
-        "dtype": dtype, "augmentation": augmentation, "teacher_sha256": teacher_sha256,
-        "shards": shards,
+    (directory / MANIFEST).unlink(missing_ok=True)
+    if topk >= num_classes:
+        topk = 0
+    table = view_table(len(x), augment, views, seed)
+    identity = {
+        "format": FORMAT, "num_samples": len(x), "num_slots": table.shape[1], "num_classes": num_classes,
+        "dtype": dtype, "topk": topk, "views": views, "seed": seed, "shard_size": shard_size,
+        "augmentation": augment.spec() if augment else IDENTITY, "teacher_sha256": teacher_sha256,
     }
+    progress_path = directory / PROGRESS
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    if progress.get("identity") != identity:
+        progress = {"identity": identity, "shards": []}
+    intact = lambda s: all((directory / f).exists() and sha256_file(directory / f) == h  # noqa: E731
+                           for f, h in s["files"].items())
+    done = {s["index"]: s for s in progress["shards"] if intact(s)}
+    progress["shards"] = list(done.values())
+    views_sha = _save(directory, VIEWS, table)
+
+    n_shards = math.ceil(len(x) / shard_size)
+    for i in range(n_shards):
+        if i in done:
+            log(f"cache shard {i + 1}/{n_shards}: already built")
+            continue
+        start, stop = i * shard_size, min((i + 1) * shard_size, len(x))
+        t0 = time.perf_counter()
+        logits = teacher_logits(model, x[start:stop], table[start:stop], augment, batch_size)
+        files = {f"shard-{i:05d}.{name}.npy": arr for name, arr in _shard_arrays(logits, dtype, topk).items()}
+        entry = {
+            "index": i, "start": start, "stop": stop,
+            "files": {name: _save(directory, name, arr) for name, arr in files.items()},
+            "finite": bool(torch.isfinite(logits).all()),
+            "accuracy": float((logits.argmax(-1) == y[start:stop, None]).float().mean()),
+        }
+        progress["shards"].append(entry)
+        write_json(progress_path, progress)
+        seconds = time.perf_counter() - t0
+        log(f"cache shard {i + 1}/{n_shards}: {logits.shape[0] * logits.shape[1]} views in {seconds:.1f}s "
+            f"({logits.shape[0] * logits.shape[1] / seconds:.0f} views/s)")
+    manifest = identity | {"view_table": {"file": VIEWS, "sha256": views_sha},
+                           "shards": sorted(progress["shards"], key=lambda s: s["index"])}
     write_json(directory / MANIFEST, manifest)
+    progress_path.unlink()
     return manifest
 
 
 class LogitCache:
-    """Read side: verifies the manifest and every shard's checksum on opening."""
+    """Read side: checks the manifest against the consumer's expectations and every file's checksum
+    on opening; then serves teacher logits by (sample, slot)."""
 
-    def __init__(self, directory: str | Path, *, num_samples: int, num_classes: int):
-        self.directory = Path(directory)
-        path = self.directory / MANIFEST
-        if not path.exists():
-            raise CacheError(f"{path}: no cache manifest; run the cache_logits stage first")
-        self.manifest = m = json.loads(path.read_text())
+    def __init__(self, directory: str | Path, *, num_samples: int, num_classes: int,
+                 teacher_sha256: str | None = None, augmentation: dict | None = None):
+        self.directory = d = Path(directory)
+        if not (d / MANIFEST).exists():
+            raise CacheError(f"{d / MANIFEST}: no cache manifest; run the cache_logits stage first")
+        self.manifest = m = json.loads((d / MANIFEST).read_text())
         if m.get("format") != FORMAT:
-            raise CacheError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
-        for key, want in (("num_samples", num_samples), ("num_classes", num_classes)):
-            if m[key] != want:
-                raise CacheError(f"{path}: {key} is {m[key]}, but the training data has {want}")
-        self.shards = []
-        for s in m["shards"]:
-            file = self.directory / s["file"]
-            if not file.exists() or sha256_file(file) != s["sha256"]:
-                raise CacheError(f"{file}: missing or corrupted (sha256 differs from the manifest)")
-            arr = np.load(file, mmap_mode="r", allow_pickle=False)
-            if arr.shape != (s["stop"] - s["start"], m["num_views"], m["num_classes"]):
-                raise CacheError(f"{file}: shape {arr.shape} disagrees with the manifest")
-            self.shards.append(arr)
-        self.shard_size = m["shards"][0]["stop"] - m["shards"][0]["start"]
+            raise CacheError(f"{d / MANIFEST}: format {m.get('format')!r}, expected {FORMAT!r}")
+        expected = {"num_samples": num_samples, "num_classes": num_classes,
+                    "teacher_sha256": teacher_sha256, "augmentation": augmentation}
+        for key, want in expected.items():
+            if want is not None and m[key] != want:
+                raise CacheError(f"{d / MANIFEST}: the cache was built with {key} = {m[key]}, but distill "
+                                 f"expects {want}; rerun the cache_logits stage")
+        self.view_table = torch.from_numpy(self._load(m["view_table"]["file"], m["view_table"]["sha256"])
+                                           .astype(np.int64))
+        self.shards = [{name.split(".")[1]: self._load(name, sha) for name, sha in s["files"].items()}
+                       for s in m["shards"]]
+        self.shard_size = m["shard_size"]
 
-    def logits(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher logits (float32) of samples `idx` at views `view` (view 0 when not given)."""
+    def _load(self, name: str, sha: str) -> np.ndarray:
+        path = self.directory / name
+        if not path.exists() or sha256_file(path) != sha:
+            raise CacheError(f"{path}: missing or corrupted (sha256 differs from the manifest)")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise CacheError(f"{path}: unreadable: {e}") from None
+
+    def logits(self, idx: Tensor, slots: Tensor | None = None) -> Tensor:
+        """float32 teacher logits of samples `idx` at `slots` (slot 0 when not given)."""
+        m = self.manifest
         idx_np = idx.numpy()
-        view_np = np.zeros_like(idx_np) if view is None else view.numpy()
-        out = np.empty((len(idx_np), self.manifest["num_classes"]), dtype=np.float32)
+        slot_np = np.zeros_like(idx_np) if slots is None else slots.numpy()
+        out = torch.empty(len(idx_np), m["num_classes"])
         shard_of = idx_np // self.shard_size
         for s in np.unique(shard_of):
             rows = shard_of == s
-            out[rows] = self.shards[s][idx_np[rows] - s * self.shard_size, view_np[rows]]
-        return torch.from_numpy(out)
+            at = (idx_np[rows] - s * self.shard_size, slot_np[rows])
+            arrays = self.shards[s]
+            if "logits" in arrays:
+                out[torch.from_numpy(rows)] = _decode(arrays["logits"][at], m["dtype"])
+            else:
+                rest = torch.from_numpy(np.asarray(arrays["rest_logsumexp"][at]))
+                rest -= math.log(m["num_classes"] - m["topk"])  # the rest's mass, spread evenly
+                full = rest[:, None].expand(-1, m["num_classes"]).clone()
+                full.scatter_(1, torch.from_numpy(arrays["topk_indices"][at].astype(np.int64)),
+                              _decode(arrays["topk_values"][at], m["dtype"]))
+                out[torch.from_numpy(rows)] = full
+        return out

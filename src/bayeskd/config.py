@@ -58,11 +58,26 @@ class Digits(Section):
         return self
 
 
+class Augment(Section):
+    """Training views: random crop with `padding` pixels of zero padding, and horizontal flip.
+    0 trains on the inputs as they are (one view)."""
+
+    padding: Annotated[int, Field(ge=0, le=16)]
+
+
 class Data(Section):
     name: Literal["gaussian", "digits"]
     seed: Annotated[int, Field(ge=0)]
     gaussian: Gaussian
     digits: Digits
+    augment: Augment
+
+    @model_validator(mode="after")
+    def _views_need_images(self) -> Data:
+        if self.name == "gaussian" and self.augment.padding > 0:
+            raise ValueError(f"augment.padding = {self.augment.padding}: the gaussian dataset has no "
+                             "images to crop; use 0")
+        return self
 
 
 class Optim(Section):
@@ -113,8 +128,10 @@ class Student(Section):
 
 
 class Cache(Section):
-    dtype: Literal["float16", "float32"]
+    dtype: Literal["float16", "bfloat16", "float32"]
     shard_size: PositiveInt
+    views: Literal["all"] | PositiveInt  # every view of the view space, or this many per sample
+    topk: Annotated[int, Field(ge=0)]  # 0 stores all classes; k stores the k largest logits
 
 
 class Evaluate(Section):

@@ -2,14 +2,17 @@
 
 SGD with momentum and a step schedule. After every epoch the loop writes a checkpoint (weights,
 optimizer state, metric history, and a fingerprint of what is being trained); a rerun with the same
-fingerprint resumes from it. Batch order is drawn from a generator seeded by (seed, epoch), so a
-resumed run is bit-identical to an uninterrupted one on CPU.
+fingerprint resumes from it. Each epoch draws, from one generator seeded by (seed, epoch), first the
+batch order and then one augmentation view per sample, so a resumed run is bit-identical to an
+uninterrupted one on CPU, and a student reading teacher logits from a cache of all views sees
+exactly the views, hence the supervision, of an online run with the same seed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
 from bayeskd.io import atomic_path
 
-# loss_fn(logits, targets, sample_indices, epoch) -> named loss terms, summed for the gradient
-LossFn = Callable[[Tensor, Tensor, Tensor, int], dict[str, Tensor]]
+
+@dataclass
+class Batch:
+    x: Tensor  # inputs, augmented when training with views
+    y: Tensor
+    idx: Tensor  # sample indices into the training set
+    slots: Tensor | None = None  # per sample: the column of `view_table` drawn
+    views: Tensor | None = None  # per sample: the view id applied to x
+
+
+# loss_fn(logits, batch, epoch) -> named loss terms, summed for the gradient
+LossFn = Callable[[Tensor, Batch, int], dict[str, Tensor]]
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -35,9 +49,11 @@ def lr_at(cfg: Optim, epoch: int) -> float:
     return cfg.lr * cfg.gamma ** sum(m <= epoch for m in cfg.milestones)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+def epoch_draws(n: int, seed: int, epoch: int, slots: int | None) -> tuple[Tensor, Tensor | None]:
+    """The epoch's batch order and, when training on views, one slot in [0, slots) per sample."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-    return torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g)
+    return order, (torch.randint(0, slots, (n,), generator=g) if slots else None)
 
 
 @torch.no_grad()
@@ -70,8 +86,14 @@ def fit(
     val: tuple[Tensor, Tensor] | None = None,
     on_epoch: EpochHook | None = None,
     name: str = "model",
+    augment: CropFlip | None = None,
+    view_table: Tensor | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place for cfg.epochs epochs; return the per-epoch metrics.
+
+    With `augment`, every sample is seen in one view per epoch: a view id drawn uniformly, or, with
+    `view_table` (samples x slots of view ids, as a logit cache holds them), a slot drawn uniformly
+    and the view id it names.
 
     `on_epoch(epoch, metrics)` is called once per epoch in order, also for the epochs restored
     from a checkpoint, so a logger sees the same sequence whether or not the run was resumed.
@@ -91,6 +113,7 @@ def fit(
             on_epoch(epoch, metrics)
 
     n = len(y)
+    slots = None if augment is None else (augment.num_views if view_table is None else view_table.shape[1])
     for epoch in range(len(history), cfg.epochs):
         start = time.perf_counter()
         lr = lr_at(cfg, epoch)
@@ -99,9 +122,15 @@ def fit(
         model.train()
         sums: dict[str, float] = {}
         correct = 0
-        for idx in epoch_order(n, seed, epoch).split(cfg.batch_size):
-            logits = model(x[idx])
-            terms = loss_fn(logits, y[idx], idx, epoch)
+        order, drawn = epoch_draws(n, seed, epoch, slots)
+        for idx in order.split(cfg.batch_size):
+            batch = Batch(x[idx], y[idx], idx)
+            if augment is not None:
+                batch.slots = drawn[idx]
+                batch.views = batch.slots if view_table is None else view_table[idx, batch.slots]
+                batch.x = augment.apply(batch.x, batch.views)
+            logits = model(batch.x)
+            terms = loss_fn(logits, batch, epoch)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -92,35 +92,63 @@ def _compact(result) -> dict:
     return {"suite": result.suite_name, "success": result.success, "expectations": expectations}
 
 
-def validate(ds: Dataset, report: str | Path) -> None:
-    """Validate every split and the disjointness of the splits; write all results to `report`.
-
-    Raises DataValidationError with one line per failed expectation.
-    """
+def _gx():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = ctx.data_sources.add_pandas("prepared")
+    return gx, ctx.data_sources.add_pandas("frames")
 
-    def run(name: str, frame: pd.DataFrame, suite):
+
+def _run(source, checks: list[tuple[str, pd.DataFrame, object]], report: str | Path) -> None:
+    """Validate each (name, frame, suite); write all results to `report`; raise on any failure."""
+    results = []
+    for name, frame, suite in checks:
         batch = (source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
                  .get_batch(batch_parameters={"dataframe": frame}))
-        return batch.validate(suite)
-
-    frames = {split: _frame(ds, split) for split in ds.splits}
-    results = [
-        run(split, frame, _split_suite(gx, ds, split, ds.splits[split].p is not None))
-        for split, frame in frames.items()
-    ]
-    disjoint = gx.ExpectationSuite(name="splits_disjoint")
-    disjoint.add_expectation(gx.expectations.ExpectColumnValuesToBeUnique(column="x_hash"))
-    results.append(run("all", pd.concat([f[["x_hash"]] for f in frames.values()]), disjoint))
-
+        results.append(batch.validate(suite))
     write_json(report, {"success": all(r.success for r in results),
                         "suites": [_compact(r) for r in results]})
     failures = [line for r in results for line in _summary(r)]
     if failures:
         raise DataValidationError("\n".join(failures))
+
+
+def validate(ds: Dataset, report: str | Path) -> None:
+    """Validate every split and the disjointness of the splits; write all results to `report`.
+
+    Raises DataValidationError with one line per failed expectation.
+    """
+    gx, source = _gx()
+    frames = {split: _frame(ds, split) for split in ds.splits}
+    checks = [(split, frame, _split_suite(gx, ds, split, ds.splits[split].p is not None))
+              for split, frame in frames.items()]
+    disjoint = gx.ExpectationSuite(name="splits_disjoint")
+    disjoint.add_expectation(gx.expectations.ExpectColumnValuesToBeUnique(column="x_hash"))
+    checks.append(("all", pd.concat([f[["x_hash"]] for f in frames.values()]), disjoint))
+    _run(source, checks, report)
+
+
+def validate_cache(manifest: dict, report: str | Path) -> None:
+    """The teacher-output cache's statistics, one row per shard: every value finite, the shards
+    cover every sample once, and the teacher's accuracy on its views is better than chance."""
+    gx, source = _gx()
+    E = gx.expectations
+    m = manifest
+    frame = pd.DataFrame([{"finite": s["finite"], "accuracy": s["accuracy"], "start": s["start"],
+                           "samples": s["stop"] - s["start"], "files": len(s["files"])}
+                          for s in m["shards"]])
+    suite = gx.ExpectationSuite(name="logit_cache")
+    for e in [
+        E.ExpectTableRowCountToEqual(value=-(-m["num_samples"] // m["shard_size"])),
+        E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+        E.ExpectColumnSumToBeBetween(column="samples", min_value=m["num_samples"],
+                                     max_value=m["num_samples"]),
+        E.ExpectColumnValuesToBeUnique(column="start"),
+        E.ExpectColumnValuesToBeInSet(column="files", value_set=[3 if m["topk"] else 1]),
+        E.ExpectColumnValuesToBeBetween(column="accuracy", min_value=1 / m["num_classes"], max_value=1),
+    ]:
+        suite.add_expectation(e)
+    _run(source, [("cache", frame, suite)], report)
