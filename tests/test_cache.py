@@ -132,6 +132,13 @@ def test_damaged_shard_is_named_before_training(tmp_path, setup, damage):
         cache.LogitCache(tmp_path, num_samples=10, num_classes=10)
 
 
+def test_a_fresh_build_leaves_no_file_of_an_earlier_one(tmp_path, setup):
+    build(tmp_path, setup, topk=3)
+    m = build(tmp_path, setup)  # another format into the same directory
+    expected = {cache.MANIFEST, cache.VIEWS} | {f for s in m["shards"] for f in s["files"]}
+    assert {f.name for f in tmp_path.iterdir()} == expected
+
+
 def test_topk_round_trip(tmp_path, setup):
     build(tmp_path / "full", setup)
     m = build(tmp_path / "top3", setup, topk=3)

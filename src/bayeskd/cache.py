@@ -109,7 +109,10 @@ def build(model: nn.Module, x: Tensor, y: Tensor, directory: str | Path, *, num_
     }
     progress_path = directory / PROGRESS
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-    if progress.get("identity") != identity:
+    if progress.get("identity") != identity:  # a fresh build: nothing of another build may remain
+        for f in directory.iterdir():
+            if f.is_file():
+                f.unlink()
         progress = {"identity": identity, "shards": []}
     intact = lambda s: all((directory / f).exists() and sha256_file(directory / f) == h  # noqa: E731
                            for f, h in s["files"].items())
