@@ -105,3 +105,20 @@ def test_killed_stage_resumes_bit_identical(project):
     assert weights.read_bytes() == reference
     assert curve.read_text() == reference_curve
     assert not ckpt.exists()
+
+
+def test_views_through_the_stages_and_a_stale_cache_is_refused(project):
+    params = tiny_params(**{"data.name": "digits", "data.augment.padding": 1, "teacher.net": "cnn_teacher",
+                            "student.net": "cnn_student", "cache.views": 4})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("prepare", "train_teacher", "cache_logits"):
+        run(["python", f"stages/{stage}.py"], project)
+    manifest = json.loads((project / "cache/teacher_logits/manifest.json").read_text())
+    assert manifest["num_slots"] == 4 and manifest["augmentation"]["views"] == 18
+    assert json.loads((project / "reports/cache_validation.json").read_text())["success"]
+    run(["python", "stages/distill.py"], project)
+
+    (project / "models/teacher.safetensors").write_bytes(b"another teacher")
+    stale = run(["python", "stages/distill.py"], project, check=False)
+    assert stale.returncode == 1
+    assert "teacher_sha256" in stale.stderr and "rerun the cache_logits" in stale.stderr
