@@ -18,7 +18,7 @@ def main() -> None:
                     seed=p.seed, dtype=c.dtype, shard_size=c.shard_size, topk=c.topk,
                     teacher_sha256=sha256_file(TEACHER))
     try:
-        validate_cache(m, REPORT)
+        validate_cache(m, REPORT, c.min_accuracy)
     except DataValidationError as e:
         fail(f"the teacher-output cache failed validation (full results in {REPORT}):\n{e}")
     accuracy = sum(s["accuracy"] * (s["stop"] - s["start"]) for s in m["shards"]) / m["num_samples"]

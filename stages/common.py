@@ -33,11 +33,17 @@ def params() -> config.Params:
 
 
 def build(role: str, net: str, ds: Dataset) -> nn.Module:
-    """The net named by `<role>.net`, sized for the dataset; a mismatch is a parameter error."""
+    """The net named by `<role>.net`, sized for the dataset. A net that cannot take the data's
+    inputs is a parameter error, found by one forward pass before any training."""
     try:
-        return nets.build(net, ds.num_classes, ds.in_shape)
-    except ValueError as e:
-        fail(f"{role}.net = {net!r} does not fit dataset {ds.name!r}: {e}", code=2)
+        model = nets.build(net, ds.num_classes, ds.in_shape, ds.info.get("normalize"))
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *ds.in_shape))
+        if out.shape != (2, ds.num_classes):
+            raise ValueError(f"it gives outputs of shape {tuple(out.shape[1:])}, not ({ds.num_classes},)")
+    except (ValueError, RuntimeError) as e:
+        fail(f"{role}.net = {net!r} does not fit dataset {ds.name!r} (inputs {ds.in_shape}): {e}", code=2)
+    return model.train()
 
 
 def augmentation(p: config.Params) -> CropFlip | None:
@@ -45,7 +51,10 @@ def augmentation(p: config.Params) -> CropFlip | None:
     return CropFlip(p.data.augment.padding) if p.data.augment.padding else None
 
 
-def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Inputs and labels of a split; None for a split the dataset does not have (an empty val)."""
+    if split not in ds.splits:
+        return None
     s = ds.splits[split]
     return torch.from_numpy(s.x), torch.from_numpy(s.y)
 

@@ -53,7 +53,8 @@ def main() -> None:
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
     nets.save_weights(model, STUDENT)
     Path(CHECKPOINT).unlink()  # only a killed run needs it
-    print(f"student {s.net} ({s.method}) done: val acc {history[-1]['val/acc']:.4f} -> {STUDENT}")
+    shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))
+    print(f"student {s.net} ({s.method}) done: {shown} -> {STUDENT}")
 
 
 if __name__ == "__main__":

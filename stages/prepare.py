@@ -10,7 +10,10 @@ REPORT = "reports/validation.json"
 
 def main() -> None:
     p = params()
-    ds = data.make(p.data)
+    try:
+        ds = data.make(p.data)
+    except data.DataError as e:
+        fail(str(e))
     try:
         validate(ds, REPORT)
     except DataValidationError as e:

@@ -31,7 +31,8 @@ def main() -> None:
                       name=f"teacher[{t.loss}]")
     nets.save_weights(model, TEACHER)
     Path(CHECKPOINT).unlink()  # only a killed run needs it
-    print(f"teacher {t.net} ({t.loss}) done: val acc {history[-1]['val/acc']:.4f} -> {TEACHER}")
+    shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))
+    print(f"teacher {t.net} ({t.loss}) done: {shown} -> {TEACHER}")
 
 
 if __name__ == "__main__":

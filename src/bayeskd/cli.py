@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
-from bayeskd import report
+from bayeskd import config, report
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
 
@@ -27,6 +28,10 @@ def _table(markdown: str) -> str:
     """DVC's Markdown table, or '' when it has no rows."""
     lines = markdown.strip().splitlines()
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def preset(args: argparse.Namespace) -> str:
+    return " ".join(config.preset_args(args.name, Path(args.repo) / config.PRESETS_FILE)) + "\n"
 
 
 def diff(args: argparse.Namespace) -> str:
@@ -60,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
                    "DIR/points.csv")
     c.set_defaults(run=compare)
 
+    p = sub.add_parser("preset", help="print `dvc exp run` overrides (-S key=value ...) of a preset "
+                       "from presets.yaml: dvc exp run $(bayeskd preset NAME)")
+    p.add_argument("name")
+    p.set_defaults(run=preset)
+
     d = sub.add_parser("diff", help="Markdown: params and metrics diff plus the comparison table, "
                        "as posted on pull requests")
     d.add_argument("a_rev", help="the base revision, e.g. main")
@@ -72,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(args.run(args))
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
+    except config.ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

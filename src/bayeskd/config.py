@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -65,11 +66,22 @@ class Augment(Section):
     padding: Annotated[int, Field(ge=0, le=16)]
 
 
+class Images(Section):
+    """Datasets read from disk through torchvision: cifar10, cifar100 (the "python version" files
+    under `root`) and imagefolder (`root/train/<class>/*`, `root/test/<class>/*`)."""
+
+    root: str
+    download: bool  # cifar only: fetch the files into root when they are missing
+    val_fraction: Annotated[float, Field(ge=0, lt=1)]  # held out of train, stratified; 0: none
+    image_size: PositiveInt  # imagefolder: images are resized to image_size x image_size
+
+
 class Data(Section):
-    name: Literal["gaussian", "digits"]
+    name: Literal["gaussian", "digits", "cifar10", "cifar100", "imagefolder"]
     seed: Annotated[int, Field(ge=0)]
     gaussian: Gaussian
     digits: Digits
+    images: Images
     augment: Augment
 
     @model_validator(mode="after")
@@ -132,6 +144,7 @@ class Cache(Section):
     shard_size: PositiveInt
     views: Literal["all"] | PositiveInt  # every view of the view space, or this many per sample
     topk: Annotated[int, Field(ge=0)]  # 0 stores all classes; k stores the k largest logits
+    min_accuracy: Annotated[float, Field(ge=0, le=1)]  # the teacher's least plausible accuracy on its views
 
 
 class Evaluate(Section):
@@ -153,6 +166,26 @@ class Params(Section):
     student: Student
     evaluate: Evaluate
     export: Export
+
+
+PRESETS_FILE = "presets.yaml"
+
+
+def preset(name: str, path: str | Path = PRESETS_FILE) -> dict[str, object]:
+    """The dotted-key overrides of preset `name`: the shared recipe, then the pair's own values."""
+    presets = yaml.safe_load(Path(path).read_text())
+    if name not in presets["pairs"]:
+        raise ParamsError(f"preset {name!r} does not exist; expected one of {', '.join(presets['pairs'])}")
+    return presets["recipe"] | presets["pairs"][name]
+
+
+def preset_args(name: str, path: str | Path = PRESETS_FILE) -> list[str]:
+    """`-S key=value` arguments for `dvc exp run`, one shell word each (no spaces in values)."""
+    out = []
+    for key, value in preset(name, path).items():
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        out += ["-S", f"{key}={text}"]
+    return out
 
 
 class ParamsError(ValueError):

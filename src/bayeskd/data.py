@@ -1,8 +1,15 @@
-"""Datasets that need no download, and the on-disk format of a prepared dataset.
+"""Datasets, and the on-disk format of a prepared dataset.
 
-A prepared dataset is a directory with `info.json` and one `<split>.npz` per split holding
-`x` (float32 inputs), `y` (int64 labels) and, where the Bayes class probability is known, `p`
-(float64, p*(y|x) per class).
+Embedded (no download): `gaussian`, the paper's synthetic benchmark with its exact Bayes class
+probability, and `digits`, scikit-learn's 8x8 digits. From disk through torchvision: `cifar10`,
+`cifar100` and `imagefolder`.
+
+A prepared dataset is a directory with `info.json` and one `<split>.npz` per split (train, test,
+and val unless it is empty) holding `x` (inputs), `y` (int64 labels) and, where the Bayes class
+probability is known, `p` (float64, p*(y|x) per class). In memory, inputs are float32; images are
+in [0, 1], stored on disk as uint8, and their normalisation (`info["normalize"]`, per-channel mean
+and std) belongs to the model (`bayeskd.nets.build(..., normalize=...)`), so augmentation pads with
+black pixels, as the standard recipe does, and exported models take raw pixels.
 """
 
 from __future__ import annotations
@@ -13,10 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from bayeskd.config import Data, Digits, Gaussian
+from bayeskd.config import Data, Digits, Gaussian, Images
 from bayeskd.io import atomic_path, write_json
 
 SPLITS = ("train", "val", "test")
+# per-channel mean and std of the training images, as the standard CIFAR recipes normalise
+CIFAR = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", "cifar-100-python", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+
+
+class DataError(RuntimeError):
+    """The dataset's files are missing or do not fit what the parameters ask for."""
 
 
 @dataclass
@@ -84,16 +100,88 @@ def make_digits(cfg: Digits, seed: int) -> Dataset:
     return Dataset("digits", 10, (1, 8, 8), splits, (0.0, 1.0))
 
 
+def _images(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+            test_y: np.ndarray, classes: int, cfg: Images, seed: int, mean, std) -> Dataset:
+    """uint8 (N, C, H, W) images to a Dataset, holding out a stratified validation split."""
+    from sklearn.model_selection import train_test_split
+
+    to_float = lambda a: (a.astype(np.float32) / 255)  # noqa: E731
+    splits = {}
+    if cfg.val_fraction > 0:
+        if round(cfg.val_fraction * len(train_y)) < classes:
+            raise DataError(f"data.images.val_fraction = {cfg.val_fraction} holds out "
+                            f"{round(cfg.val_fraction * len(train_y))} of {len(train_y)} training images, "
+                            f"fewer than the {classes} classes; raise it, or use 0 for no validation split")
+        tr, va = train_test_split(np.arange(len(train_y)), test_size=cfg.val_fraction, stratify=train_y,
+                                  random_state=seed)
+        splits["val"] = Split(to_float(train_x[va]), train_y[va].astype(np.int64))
+        train_x, train_y = train_x[tr], train_y[tr]
+    splits = {"train": Split(to_float(train_x), train_y.astype(np.int64)), **splits,
+              "test": Split(to_float(test_x), test_y.astype(np.int64))}
+    info = {"normalize": {"mean": list(mean), "std": list(std)}, "uint8": True}
+    return Dataset(name, classes, tuple(train_x.shape[1:]), splits, (0.0, 1.0), info)
+
+
+def make_cifar(name: str, cfg: Images, seed: int) -> Dataset:
+    """CIFAR-10 or CIFAR-100 from torchvision's files under cfg.root (torchvision checks their
+    official checksums before reading them)."""
+    import torchvision.datasets
+
+    cls_name, folder, mean, std = CIFAR[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        train, test = (cls(cfg.root, train=t, download=cfg.download) for t in (True, False))
+    except RuntimeError as e:
+        raise DataError(
+            f"data.name = {name!r}: no intact {name} files in {Path(cfg.root) / folder} ({e}). Put the "
+            f"python version of the dataset there (torchvision.datasets.{cls_name} reads it), or set "
+            f"data.images.download=true to fetch it") from None
+    arrays = [np.asarray(d.data).transpose(0, 3, 1, 2) for d in (train, test)]
+    return _images(name, arrays[0], np.asarray(train.targets), arrays[1], np.asarray(test.targets),
+                   len(train.classes), cfg, seed, mean, std)
+
+
+def make_imagefolder(cfg: Images, seed: int) -> Dataset:
+    """A user's images: cfg.root/train/<class>/* and cfg.root/test/<class>/*, resized to
+    image_size x image_size RGB; normalised by the training images' own mean and std."""
+    import torch
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
+    folders = {}
+    for split in ("train", "test"):
+        try:
+            folders[split] = ImageFolder(str(Path(cfg.root) / split), transform=resize)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"data.name = 'imagefolder': {e}. Put the images in "
+                            f"{Path(cfg.root)}/train/<class>/ and {Path(cfg.root)}/test/<class>/") from None
+    if folders["train"].classes != folders["test"].classes:
+        raise DataError(f"imagefolder: train has classes {folders['train'].classes}, test has "
+                        f"{folders['test'].classes}; they must be the same")
+    arrays = {s: (torch.stack([img for img, _ in f]).numpy(), np.asarray(f.targets))
+              for s, f in folders.items()}
+    pixels = arrays["train"][0].astype(np.float64) / 255
+    mean, std = pixels.mean((0, 2, 3)), pixels.std((0, 2, 3)) + 1e-8
+    return _images("imagefolder", *arrays["train"], *arrays["test"], len(folders["train"].classes), cfg,
+                   seed, mean.tolist(), std.tolist())
+
+
 def make(cfg: Data) -> Dataset:
     if cfg.name == "gaussian":
         return make_gaussian(cfg.gaussian, cfg.seed)
-    return make_digits(cfg.digits, cfg.seed)
+    if cfg.name == "digits":
+        return make_digits(cfg.digits, cfg.seed)
+    if cfg.name == "imagefolder":
+        return make_imagefolder(cfg.images, cfg.seed)
+    return make_cifar(cfg.name, cfg.images, cfg.seed)
 
 
 def save(ds: Dataset, directory: str | Path) -> None:
     directory = Path(directory)
     for name, split in ds.splits.items():
-        arrays = {"x": split.x, "y": split.y} | ({"p": split.p} if split.p is not None else {})
+        x = np.round(split.x * 255).astype(np.uint8) if ds.info.get("uint8") else split.x
+        arrays = {"x": x, "y": split.y} | ({"p": split.p} if split.p is not None else {})
         with atomic_path(directory / f"{name}.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
@@ -108,9 +196,10 @@ def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     directory = Path(directory)
     meta = json.loads((directory / "info.json").read_text())
     loaded = {}
-    for name in splits:
+    for name in (s for s in splits if s in meta["sizes"]):
         with np.load(directory / f"{name}.npz", allow_pickle=False) as z:
-            loaded[name] = Split(z["x"], z["y"], z["p"] if "p" in z.files else None)
+            x = z["x"].astype(np.float32) / 255 if meta.get("uint8") else z["x"]
+            loaded[name] = Split(x, z["y"], z["p"] if "p" in z.files else None)
     info = {k: v for k, v in meta.items()
             if k not in ("name", "num_classes", "in_shape", "sizes", "value_range")}
     return Dataset(meta["name"], meta["num_classes"], tuple(meta["in_shape"]), loaded,

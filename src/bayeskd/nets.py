@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 from torchvision.ops import MLP, Conv2dNormActivation
 
@@ -55,10 +56,28 @@ EMBEDDED: dict[str, Callable[[int, Sequence[int]], nn.Module]] = {
 NETS = EMBEDDED | ZOO  # plus the standard CIFAR KD zoo (bayeskd.zoo)
 
 
-def build(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.Module:
+class Normalized(nn.Module):
+    """`net` behind per-channel normalisation (x - mean) / std, so the model takes raw [0, 1] pixels."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        if hasattr(net, "feature_names"):
+            self.feature_names = [f"net.{n}" for n in net.feature_names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def build(name: str, num_classes: int, in_shape: Sequence[int], normalize: dict | None = None) -> nn.Module:
+    """The net `name` for `num_classes` classes and inputs of shape `in_shape`; with `normalize`
+    ({"mean": [...], "std": [...]}) it normalises its input itself."""
     if name not in NETS:
         raise ValueError(f"net {name!r} is not known; expected one of {', '.join(sorted(NETS))}")
-    return NETS[name](num_classes, in_shape)
+    net = NETS[name](num_classes, in_shape)
+    return Normalized(net, normalize["mean"], normalize["std"]) if normalize else net
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
