@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,6 +18,8 @@ from bayeskd import config, nets
 from bayeskd.augment import CropFlip
 from bayeskd.data import Dataset
 from bayeskd.io import sha256_file
+from bayeskd.tracking import dvclive_epochs, mlflow_run
+from bayeskd.train import EpochHook, distributed
 
 DATA = "data/prepared"
 TEACHER = "models/teacher.safetensors"
@@ -59,12 +63,21 @@ def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor] | None
     return torch.from_numpy(s.x), torch.from_numpy(s.y)
 
 
-def each(*hooks):
-    """One per-epoch hook that calls all of `hooks`."""
-    def call(epoch, metrics):
-        for hook in hooks:
-            hook(epoch, metrics)
-    return call
+@contextlib.contextmanager
+def epoch_logging(role: str) -> Iterator[EpochHook | None]:
+    """The per-epoch hook of a training stage: DVCLive curves and the MLflow run. Under torchrun
+    only rank 0 logs (and writes the stage's outputs)."""
+    if distributed()[0] != 0:
+        yield None
+        return
+    with mlflow_run() as run, dvclive_epochs(f"dvclive/{role}") as live:
+        mlflow_hook = run.epoch_hook(role)
+
+        def both(epoch, metrics):
+            live(epoch, metrics)
+            mlflow_hook(epoch, metrics)
+
+        yield both
 
 
 def fingerprint(*parts: object, files: tuple[str, ...] = ()) -> str:

@@ -5,8 +5,7 @@ from pathlib import Path
 from bayeskd import data, distill, nets
 from bayeskd.cache import IDENTITY, CacheError, LogitCache
 from bayeskd.io import sha256_file
-from bayeskd.tracking import dvclive_epochs, mlflow_run
-from bayeskd.train import fit, seed_everything
+from bayeskd.train import distributed, fit, seed_everything
 from common import (
     CACHE,
     DATA,
@@ -14,7 +13,7 @@ from common import (
     TEACHER,
     augmentation,
     build,
-    each,
+    epoch_logging,
     fail,
     fingerprint,
     params,
@@ -41,16 +40,19 @@ def main() -> None:
     hparams = {"temperature": s.temperature, "ce_weight": s.ce_weight, "kd_weight": s.kd_weight}
 
     def loss_fn(logits, batch, epoch):
-        teacher_logits = teacher.logits(batch.idx, batch.slots)  # the cached view: no teacher forward
+        # the cached view's logits: no teacher forward
+        teacher_logits = teacher.logits(batch.idx, batch.slots).to(logits.device)
         return distill.loss_terms(s.method, logits, teacher_logits, batch.y, epoch, **hparams)
 
-    with mlflow_run() as run, dvclive_epochs("dvclive/student") as live:
+    with epoch_logging("student") as on_epoch:
         history = fit(model, loss_fn, x, y, s.optim, seed=p.seed, checkpoint=CHECKPOINT,
-                      val=tensors(ds, "val"), on_epoch=each(live, run.epoch_hook("student")),
+                      val=tensors(ds, "val"), on_epoch=on_epoch,
                       augment=aug, view_table=teacher.view_table if aug else None,
                       name=f"student[{s.method}]",
                       fingerprint=fingerprint(s.model_dump(), p.seed,
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
+    if distributed()[0] != 0:
+        return
     nets.save_weights(model, STUDENT)
     Path(CHECKPOINT).unlink()  # only a killed run needs it
     shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))

@@ -4,9 +4,8 @@ from pathlib import Path
 
 from bayeskd import data, nets
 from bayeskd.losses import TEACHER_LOSSES
-from bayeskd.tracking import dvclive_epochs, mlflow_run
-from bayeskd.train import fit, seed_everything
-from common import DATA, TEACHER, augmentation, build, each, fingerprint, params, tensors
+from bayeskd.train import distributed, fit, seed_everything
+from common import DATA, TEACHER, augmentation, build, epoch_logging, fingerprint, params, tensors
 
 CHECKPOINT = "checkpoints/teacher.pt"
 
@@ -22,13 +21,15 @@ def main() -> None:
     def loss_fn(logits, batch, epoch):
         return {t.loss: loss(logits, batch.y, t.label_smoothing)}
 
-    with mlflow_run() as run, dvclive_epochs("dvclive/teacher") as live:
+    with epoch_logging("teacher") as on_epoch:
         history = fit(model, loss_fn, *tensors(ds, "train"), t.optim, seed=p.seed,
-                      checkpoint=CHECKPOINT, val=tensors(ds, "val"),
-                      on_epoch=each(live, run.epoch_hook("teacher")), augment=augmentation(p),
+                      checkpoint=CHECKPOINT, val=tensors(ds, "val"), on_epoch=on_epoch,
+                      augment=augmentation(p),
                       fingerprint=fingerprint(t.model_dump(), p.seed, p.data.augment.model_dump(),
                                               files=(f"{DATA}/train.npz",)),
                       name=f"teacher[{t.loss}]")
+    if distributed()[0] != 0:
+        return
     nets.save_weights(model, TEACHER)
     Path(CHECKPOINT).unlink()  # only a killed run needs it
     shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))

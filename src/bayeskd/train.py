@@ -6,10 +6,19 @@ fingerprint resumes from it. Each epoch draws, from one generator seeded by (see
 batch order and then one augmentation view per sample, so a resumed run is bit-identical to an
 uninterrupted one on CPU, and a student reading teacher logits from a cache of all views sees
 exactly the views, hence the supervision, of an online run with the same seed.
+
+Devices: CUDA when present (data kept on the GPU, bf16 autocast, channels_last for images), else
+the CPU. Several processes: under `torchrun` the same loop runs data-parallel (DDP; gloo on CPUs,
+NCCL on GPUs). Every rank draws the same global batch of `batch_size` samples and takes its own
+contiguous part of it; DDP averages the gradients, so a step equals a single process's step on the
+whole batch and the learning rate stays as it is. (To grow the global batch with more GPUs instead,
+scale the learning rate linearly with it.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
@@ -40,8 +51,33 @@ EpochHook = Callable[[int, dict[str, float]], None]
 
 
 def seed_everything(seed: int) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on GPUs
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _on_device(x: Tensor, device: torch.device) -> Tensor:
+    """The training inputs on the GPU when they fit in half its free memory, else in pinned memory."""
+    if device.type != "cuda":
+        return x
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.to(device) if x.nbytes < free // 2 else x.pin_memory()
 
 
 def lr_at(cfg: Optim, epoch: int) -> float:
@@ -58,15 +94,17 @@ def epoch_draws(n: int, seed: int, epoch: int, slots: int | None) -> tuple[Tenso
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """Logits of `model` in eval mode, in batches."""
+    """Logits of `model` in eval mode, in batches, on the model's device; returned on the CPU."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     if not path.exists():
         return None
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
     if ckpt.get("fingerprint") != fingerprint:
         print(f"checkpoint {path} belongs to other parameters or inputs; starting afresh", flush=True)
         return None
@@ -99,6 +137,13 @@ def fit(
     from a checkpoint, so a logger sees the same sequence whether or not the run was resumed.
     """
     checkpoint = Path(checkpoint)
+    rank, world = distributed()
+    device = default_device()
+    cuda = device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if cuda and x.dim() == 4 else torch.preserve_format)
+    x, y = _on_device(x, device), y.to(x.device if cuda else "cpu")
+    net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     history: list[dict[str, float]] = []
@@ -107,9 +152,10 @@ def fit(
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         history = list(ckpt["history"])
-        print(f"{name}: resuming after epoch {len(history)}/{cfg.epochs} from {checkpoint}", flush=True)
+        if rank == 0:
+            print(f"{name}: resuming after epoch {len(history)}/{cfg.epochs} from {checkpoint}", flush=True)
     for epoch, metrics in enumerate(history):
-        if on_epoch:
+        if on_epoch and rank == 0:
             on_epoch(epoch, metrics)
 
     n = len(y)
@@ -123,21 +169,28 @@ def fit(
         sums: dict[str, float] = {}
         correct = 0
         order, drawn = epoch_draws(n, seed, epoch, slots)
-        for idx in order.split(cfg.batch_size):
-            batch = Batch(x[idx], y[idx], idx)
+        for step in order.split(cfg.batch_size):
+            idx = step.tensor_split(world)[rank]  # this rank's part of the global batch
+            on = idx.to(x.device)
+            batch = Batch(x[on].to(device, non_blocking=True), y[on].to(device), idx)
             if augment is not None:
                 batch.slots = drawn[idx]
                 batch.views = batch.slots if view_table is None else view_table[idx, batch.slots]
                 batch.x = augment.apply(batch.x, batch.views)
-            logits = model(batch.x)
-            terms = loss_fn(logits, batch, epoch)
-            loss = sum(terms.values())
+            with autocast():
+                logits = net(batch.x)
+                terms = loss_fn(logits, batch, epoch)
+                loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             for k, v in (terms | {"loss": loss}).items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
-            correct += (logits.argmax(1) == y[idx]).sum().item()
+            correct += (logits.argmax(1) == batch.y).sum().item()
+        if world > 1:  # epoch totals over all ranks
+            totals = torch.tensor([*sums.values(), correct], dtype=torch.float64)
+            dist.all_reduce(totals)
+            sums, correct = dict(zip(sums, totals[:-1].tolist(), strict=True)), int(totals[-1])
         if not all(np.isfinite(v) for v in sums.values()):
             raise FloatingPointError(f"{name}: the loss became non-finite in epoch {epoch + 1}; "
                                      f"lower the learning rate (now {lr})")
@@ -147,12 +200,14 @@ def fit(
             metrics["val/acc"] = (val_logits.argmax(1) == val[1]).float().mean().item()
             metrics["val/nll"] = F.cross_entropy(val_logits, val[1]).item()
         history.append(metrics)
-        with atomic_path(checkpoint) as tmp:
-            torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "history": history}, tmp)
-        if on_epoch:
-            on_epoch(epoch, metrics)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"{name} epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - start:.1f}s)",
-              flush=True)
+        if rank == 0:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
+                            "optimizer": opt.state_dict(), "history": history}, tmp)
+            if on_epoch:
+                on_epoch(epoch, metrics)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            print(f"{name} epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - start:.1f}s)",
+                  flush=True)
+    model.cpu()
     return history
