@@ -147,6 +147,10 @@ class Cache(Section):
     min_accuracy: Annotated[float, Field(ge=0, le=1)]  # the teacher's least plausible accuracy on its views
 
 
+class Compute(Section):
+    processes: Annotated[int, Field(ge=1, le=64)]  # training processes per stage (torchrun, DDP)
+
+
 class Evaluate(Section):
     ece_bins: Annotated[int, Field(ge=1, le=1000)]
 
@@ -164,6 +168,7 @@ class Params(Section):
     teacher: Teacher
     cache: Cache
     student: Student
+    compute: Compute
     evaluate: Evaluate
     export: Export
 
