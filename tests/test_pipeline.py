@@ -9,32 +9,10 @@ import pytest
 import torch
 import yaml
 
+from bayeskd.report import runs_in
 from conftest import BIN, run, tiny_params
 
 pytestmark = pytest.mark.slow
-
-
-def runs_in(exp_show: list) -> list[dict]:
-    """Every (params, metrics) pair in `dvc exp show --json` output, baseline and experiments."""
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            data = node.get("data")
-            if isinstance(data, dict) and "params" in data and "metrics" in data:
-                found.append({
-                    "rev": node.get("name") or node.get("rev"),
-                    "params": data["params"]["params.yaml"]["data"],
-                    "metrics": (data["metrics"].get("reports/metrics.json") or {}).get("data"),
-                })
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(exp_show)
-    return found
 
 
 def test_repro_then_mse_experiment(project):
@@ -55,7 +33,7 @@ def test_repro_then_mse_experiment(project):
     run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
 
     runs = runs_in(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
-    by_loss = {r["params"]["teacher"]["loss"]: r["metrics"] for r in runs if r["metrics"]}
+    by_loss = {r.params["teacher"]["loss"]: r.metrics for r in runs}
     assert set(by_loss) == {"ce", "mse"}
     assert by_loss["ce"]["teacher"]["bcpd_mse"] != by_loss["mse"]["teacher"]["bcpd_mse"]
     assert by_loss["mse"] == json.loads((project / "reports/metrics.json").read_text())
