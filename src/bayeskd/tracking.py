@@ -16,8 +16,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bayeskd.train import EpochHook
+if TYPE_CHECKING:
+    from bayeskd.train import EpochHook
 
 EXPERIMENT = "bayeskd"
 MODEL_NAME = "bayeskd-student"
