@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import torch
+import yaml
 
-from conftest import BIN
+from conftest import BIN, run, tiny_params
 
 SCRIPT = """
 import sys, torch
@@ -44,3 +45,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(b["weights"][key], value, rtol=1e-5, atol=1e-6)
     for ha, hb in zip(a["history"], b["history"], strict=True):  # epoch metrics summed over ranks
         assert abs(ha["train/loss"] - hb["train/loss"]) < 1e-5 and ha["train/acc"] == hb["train/acc"]
+
+
+def test_training_stage_with_two_processes(project):
+    params = tiny_params(**{"compute.processes": 2})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["python", "stages/prepare.py"], project)
+    out = run(["python", "-m", "bayeskd.launch", "stages/train_teacher.py"], project)
+    assert out.stdout.count("teacher mlp_teacher (ce) done") == 1  # rank 0 alone reports and writes
+    assert (project / "models/teacher.safetensors").exists()
+    assert len((project / "dvclive/teacher/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + 3
