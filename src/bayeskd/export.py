@@ -11,8 +11,12 @@ from torch import nn
 
 from bayeskd.io import atomic_path
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata holding absolute source paths
+
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int) -> None:
+    """Export with a dynamic batch axis, without the exporter's per-node Python stack traces (they
+    hold this machine's paths and make equal models differ between checkouts), then check."""
     import onnx
 
     model.eval()
@@ -22,7 +26,13 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: in
             input_names=["input"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
         )
-        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+        exported = onnx.load(str(tmp))
+        for node in exported.graph.node:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        onnx.checker.check_model(exported, full_check=True)
+        onnx.save(exported, str(tmp))
 
 
 def check(path: str | Path, model: nn.Module, x: torch.Tensor, batch_size: int, runs: int) -> dict:
