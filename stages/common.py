@@ -80,6 +80,17 @@ def epoch_logging(role: str) -> Iterator[EpochHook | None]:
         yield both
 
 
+def finish(model: nn.Module, history: list[dict], weights: str, checkpoint: str, what: str) -> None:
+    """The end of a training stage, on rank 0: the weights, the checkpoint gone (only a killed run
+    needs it), a one-line summary."""
+    if distributed()[0] != 0:
+        return
+    nets.save_weights(model, weights)
+    Path(checkpoint).unlink()
+    shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))
+    print(f"{what} done: {shown} -> {weights}")
+
+
 def fingerprint(*parts: object, files: tuple[str, ...] = ()) -> str:
     """Identity of a training run: its parameters, input files and the library's code."""
     code = sorted(Path(bayeskd.__file__).parent.glob("*.py"))

@@ -1,11 +1,9 @@
 """Stage distill: train the student from the cached teacher logits (no teacher forward here)."""
 
-from pathlib import Path
-
-from bayeskd import data, distill, nets
+from bayeskd import data, distill
 from bayeskd.cache import IDENTITY, CacheError, LogitCache
 from bayeskd.io import sha256_file
-from bayeskd.train import distributed, fit, seed_everything
+from bayeskd.train import fit, seed_everything
 from common import (
     CACHE,
     DATA,
@@ -16,6 +14,7 @@ from common import (
     epoch_logging,
     fail,
     fingerprint,
+    finish,
     params,
     tensors,
 )
@@ -51,12 +50,7 @@ def main() -> None:
                       name=f"student[{s.method}]",
                       fingerprint=fingerprint(s.model_dump(), p.seed,
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
-    if distributed()[0] != 0:
-        return
-    nets.save_weights(model, STUDENT)
-    Path(CHECKPOINT).unlink()  # only a killed run needs it
-    shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))
-    print(f"student {s.net} ({s.method}) done: {shown} -> {STUDENT}")
+    finish(model, history, STUDENT, CHECKPOINT, f"student {s.net} ({s.method})")
 
 
 if __name__ == "__main__":

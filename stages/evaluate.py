@@ -1,22 +1,14 @@
 """Stage evaluate: test-split metrics of teacher and student, reliability and confusion plot data."""
 
-import csv
 
 from bayeskd import data, metrics, nets
-from bayeskd.io import atomic_path, write_json
+from bayeskd.io import write_csv, write_json
 from bayeskd.tracking import mlflow_run
 from bayeskd.train import predict
 from common import DATA, STUDENT, TEACHER, build, params, tensors
 
 METRICS = "reports/metrics.json"
 PLOTS = "reports/plots"
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main() -> None:

@@ -1,11 +1,9 @@
 """Stage train_teacher: train the teacher with teacher.loss (ce, mse or ls); resumable per epoch."""
 
-from pathlib import Path
-
-from bayeskd import data, nets
+from bayeskd import data
 from bayeskd.losses import TEACHER_LOSSES
-from bayeskd.train import distributed, fit, seed_everything
-from common import DATA, TEACHER, augmentation, build, epoch_logging, fingerprint, params, tensors
+from bayeskd.train import fit, seed_everything
+from common import DATA, TEACHER, augmentation, build, epoch_logging, fingerprint, finish, params, tensors
 
 CHECKPOINT = "checkpoints/teacher.pt"
 
@@ -28,12 +26,7 @@ def main() -> None:
                       fingerprint=fingerprint(t.model_dump(), p.seed, p.data.augment.model_dump(),
                                               files=(f"{DATA}/train.npz",)),
                       name=f"teacher[{t.loss}]")
-    if distributed()[0] != 0:
-        return
-    nets.save_weights(model, TEACHER)
-    Path(CHECKPOINT).unlink()  # only a killed run needs it
-    shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))
-    print(f"teacher {t.net} ({t.loss}) done: {shown} -> {TEACHER}")
+    finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bayeskd.config import with_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the environment's python and dvc
 
@@ -18,13 +20,7 @@ def tiny_params(**overrides) -> dict:
     for role in ("teacher", "student"):
         p[role]["optim"].update(epochs=3, milestones=[2], lr=0.05)
     p["export"].update(latency_runs=3)
-    for dotted, value in overrides.items():
-        *parents, key = dotted.split(".")
-        node = p
-        for part in parents:
-            node = node[part]
-        node[key] = value
-    return p
+    return with_overrides(p, overrides)
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

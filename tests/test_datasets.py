@@ -122,15 +122,7 @@ def test_every_preset_is_valid_and_unknown_ones_are_refused():
     presets = yaml.safe_load((ROOT / "presets.yaml").read_text())["pairs"]
     assert len(presets) == 11
     for name in presets:
-        overrides = config.preset(name, ROOT / "presets.yaml")
-        p = json.loads(json.dumps(base))
-        for dotted, value in overrides.items():
-            *parents, key = dotted.split(".")
-            node = p
-            for part in parents:
-                node = node[part]
-            node[key] = value
-        parsed = config.parse(p)
+        parsed = config.parse(config.with_overrides(base, config.preset(name, ROOT / "presets.yaml")))
         assert parsed.data.name == "cifar100" and parsed.teacher.optim.epochs == 240
     assert config.preset("vgg13-MobileNetV2", ROOT / "presets.yaml")["student.optim.lr"] == 0.01
     with pytest.raises(config.ParamsError, match="'resnet9' does not exist; expected one of resnet32x4-"):

@@ -173,6 +173,19 @@ class Params(Section):
     export: Export
 
 
+def with_overrides(params: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
+    """A copy of the params.yaml mapping with dotted-key overrides applied, validated."""
+    params = json.loads(json.dumps(params))
+    for dotted, value in overrides.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    parse(params, source)  # raises ParamsError naming key, value and what is allowed
+    return params
+
+
 PRESETS_FILE = "presets.yaml"
 
 

@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from bayeskd import config, report, tracking
+from bayeskd.io import run as _sh
 from bayeskd.io import write_text
 
 WORKSPACES = ".bayeskd/workspaces"
@@ -37,29 +38,9 @@ DVC = [sys.executable, "-m", "dvc"]
 Loss = Literal["ce", "mse", "ls"]
 
 
-def _sh(args: list[str], cwd: Path, env: dict | None = None) -> str:
-    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"`{' '.join(args[-4:])}` failed in {cwd}:\n{(r.stdout + r.stderr)[-3000:]}")
-    return r.stdout.strip()
-
-
 def stage_names(repo: Path) -> list[str]:
     """The stages in the order dvc.yaml lists them (which is the pipeline's order)."""
     return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
-
-
-def with_overrides(params: dict, overrides: dict[str, Any]) -> dict:
-    """params.yaml with dotted-key overrides applied, validated against the schema."""
-    params = json.loads(json.dumps(params))
-    for dotted, value in overrides.items():
-        *parents, key = dotted.split(".")
-        node = params
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[key] = value
-    config.parse(params, "overrides")  # raises ParamsError naming key, value and what is allowed
-    return params
 
 
 def default_git_remote(repo: Path) -> str:
@@ -162,7 +143,7 @@ def pipeline(
     if seed is not None:
         overrides["seed"] = seed
     base = yaml.safe_load(_sh(["git", "show", f"{commit}:params.yaml"], root))
-    params = with_overrides(base, overrides)
+    params = config.with_overrides(base, overrides)
     key = hashlib.sha256(json.dumps([commit, overrides], sort_keys=True).encode()).hexdigest()[:12]
     name = experiment or f"{params['teacher']['loss']}-seed{params['seed']}-{key[:6]}"
     env = os.environ | {

@@ -36,6 +36,28 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows of equal keys as CSV with a header."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def run(args: list[str], cwd: str | Path) -> str:
+    """Run a command; its stdout, or RuntimeError with the end of its output."""
+    import subprocess
+
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{' '.join(args[-4:])}` failed in {cwd}:\n{(r.stdout + r.stderr)[-3000:]}")
+    return r.stdout.strip()
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -13,12 +13,12 @@ import io
 import json
 import math
 import statistics
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bayeskd.io import run
 from bayeskd.tracking import flatten
 
 METRICS_FILE = "reports/metrics.json"
@@ -33,10 +33,7 @@ class Run:
 
 
 def dvc(*args: str, repo: str | Path = ".") -> str:
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{out.stderr.strip()}")
-    return out.stdout
+    return run([sys.executable, "-m", "dvc", *args], repo)
 
 
 def runs_in(exp_show: object) -> list[Run]:
@@ -227,18 +224,14 @@ def plot(runs: list[Run], directory: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bayeskd.io import atomic_path, write_text
+    from bayeskd.io import atomic_path, write_csv
 
     directory = Path(directory)
     points = [{"rev": r.rev, "teacher_loss": r.params["teacher"]["loss"], "seed": r.params["seed"],
                "teacher_bcpd_mse": r.metrics["teacher"].get("bcpd_mse"),
                "teacher_ece": r.metrics["teacher"]["ece"],
                "student_accuracy": r.metrics["student"]["accuracy"]} for r in unique(runs)]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(points[0]))
-    w.writeheader()
-    w.writerows(points)
-    write_text(directory / "points.csv", buf.getvalue())
+    write_csv(directory / "points.csv", points)
 
     panels = [("teacher_bcpd_mse", "teacher bcpd_mse (distance to p*)"), ("teacher_ece", "teacher ECE")]
     panels = [p for p in panels if any(pt[p[0]] is not None for pt in points)]
