@@ -93,6 +93,6 @@ def finish(model: nn.Module, history: list[dict], weights: str, checkpoint: str,
 
 def fingerprint(*parts: object, files: tuple[str, ...] = ()) -> str:
     """Identity of a training run: its parameters, input files and the library's code."""
-    code = sorted(Path(bayeskd.__file__).parent.glob("*.py"))
+    code = sorted(Path(bayeskd.__file__).parent.rglob("*.py"))
     blob = json.dumps([parts, [sha256_file(f) for f in (*files, *code)]], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

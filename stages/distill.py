@@ -1,9 +1,12 @@
-"""Stage distill: train the student from the cached teacher logits (no teacher forward here)."""
+"""Stage distill: train the student with student.method. Logit methods read the teacher's logits
+from the cache (no teacher forward); feature methods run the teacher online for its features."""
 
-from bayeskd import data, distill
+import torch
+
+from bayeskd import data, distill, feature, nets
 from bayeskd.cache import IDENTITY, CacheError, LogitCache
 from bayeskd.io import sha256_file
-from bayeskd.train import fit, seed_everything
+from bayeskd.train import default_device, fit, seed_everything
 from common import (
     CACHE,
     DATA,
@@ -36,18 +39,31 @@ def main() -> None:
         fail(str(e))
     seed_everything(p.seed)
     model = build("student", s.net, ds)
-    hparams = {"temperature": s.temperature, "ce_weight": s.ce_weight, "kd_weight": s.kd_weight}
+    method = None
+    if s.method in distill.METHODS:
+        def loss_fn(logits, batch, epoch):
+            # the cached view's logits: no teacher forward
+            teacher_logits = teacher.logits(batch.idx, batch.slots).to(logits.device)
+            return distill.loss_terms(s.method, logits, teacher_logits, batch.y, epoch + 1, **s.hparams())
+    else:
+        online = nets.load_weights(build("teacher", p.teacher.net, ds), TEACHER).requires_grad_(False)
+        try:
+            method = feature.build(s.method, model, online, ds.in_shape, len(y), **s.hparams())
+            student_features, teacher_features = feature.Extractor(model), feature.Extractor(online)
+        except ValueError as e:
+            fail(f"student.method = {s.method!r} cannot distill {p.teacher.net} -> {s.net}: {e}", code=2)
+        online.to(default_device())
 
-    def loss_fn(logits, batch, epoch):
-        # the cached view's logits: no teacher forward
-        teacher_logits = teacher.logits(batch.idx, batch.slots).to(logits.device)
-        return distill.loss_terms(s.method, logits, teacher_logits, batch.y, epoch, **hparams)
+        def loss_fn(logits, batch, epoch):
+            with torch.no_grad():
+                t = teacher_features(batch.x)
+            return method(student_features.last(logits), t, batch, epoch + 1)
 
     with epoch_logging("student") as on_epoch:
         history = fit(model, loss_fn, x, y, s.optim, seed=p.seed, checkpoint=CHECKPOINT,
                       val=tensors(ds, "val"), on_epoch=on_epoch,
                       augment=aug, view_table=teacher.view_table if aug else None,
-                      name=f"student[{s.method}]",
+                      name=f"student[{s.method}]", extra=method,
                       fingerprint=fingerprint(s.model_dump(), p.seed,
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
     finish(model, history, STUDENT, CHECKPOINT, f"student {s.net} ({s.method})")

@@ -49,3 +49,33 @@ def project(tmp_path: Path):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
     return dest
+
+
+def feature_steps(method: str, steps: int = 30, student_net: str = "cnn_student",
+                  teacher_net: str = "cnn_teacher", in_shape: tuple[int, ...] = (1, 8, 8), n: int = 64,
+                  lr: float = 0.01,
+                  **hparams) -> list[dict[str, float]]:
+    """Full-batch SGD steps of feature method `method` on random data with a random (fixed) teacher:
+    the named loss terms of every step. The method's own parts train with the student."""
+    import torch
+
+    from bayeskd import feature, nets
+    from bayeskd.train import Batch
+
+    torch.manual_seed(0)
+    x, y = torch.rand(n, *in_shape), torch.randint(0, 10, (n,))
+    student = nets.build(student_net, 10, in_shape)
+    teacher = nets.build(teacher_net, 10, in_shape).eval().requires_grad_(False)
+    method = feature.build(method, student, teacher, in_shape, num_samples=n, **hparams)
+    s, t = feature.Extractor(student), feature.Extractor(teacher)
+    opt = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=lr, momentum=0.9)
+    history = []
+    for _ in range(steps):
+        with torch.no_grad():
+            t_out = t(x)
+        terms = method(s(x), t_out, Batch(x, y, torch.arange(n)), epoch=1)
+        opt.zero_grad()
+        sum(terms.values()).backward()
+        opt.step()
+        history.append({k: v.item() for k, v in terms.items()})
+    return history

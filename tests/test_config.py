@@ -30,9 +30,26 @@ def test_value_outside_its_set_names_key_value_and_choices():
 
 
 def test_unknown_key_names_key_and_allowed_keys():
-    msg = error_for(lambda r: r["student"].update(temprature=3.0))
-    assert "student.temprature" in msg and "unknown key" in msg
-    assert "temperature" in msg.split("allowed here:")[1]
+    msg = error_for(lambda r: r["student"].update(tmperature=3.0))
+    assert "student.tmperature" in msg and "unknown key" in msg
+    assert "method" in msg.split("allowed here:")[1]
+
+
+def test_method_hyperparameters_are_checked_against_the_method():
+    msg = error_for(lambda r: r["student"]["dkd"].update(gama=3))
+    assert "student.dkd.gama = 3: not a hyperparameter of dkd" in msg and "beta" in msg.split("allowed:")[1]
+    assert "expected a number" in error_for(lambda r: r["student"]["dkd"].update(beta="6"))
+    assert "expected true or false" in error_for(lambda r: r["student"]["kd"].update(standardize_logits=1))
+    msg = error_for(lambda r: r["student"].update(method="crd2"))
+    assert "student.method = 'crd2'" in msg and "dkd" in msg and "crd" in msg
+
+
+def test_params_yaml_lists_every_method_with_its_code_defaults():
+    from bayeskd import distill
+
+    student = config.load(ROOT / "params.yaml").student.model_dump()
+    for method in distill.all_methods():
+        assert student.get(method, {}) == distill.hparams(method), method
 
 
 def test_wrong_type_names_key_and_value():

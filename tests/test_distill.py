@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -32,16 +34,128 @@ def test_kd_terms_and_zero_kl_for_equal_logits():
 
 def test_none_ignores_the_teacher():
     s, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-    a = distill.logit_loss("none", s, torch.randn(4, 3), y, temperature=4.0)
+    a = distill.logit_loss("none", s, torch.randn(4, 3), y)
     torch.testing.assert_close(a, torch.nn.functional.cross_entropy(s, y))
 
 
-def test_kd_gradient():
-    s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    t, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 3, 1])
-    assert torch.autograd.gradcheck(lambda z: distill.logit_loss("kd", z, t, y), (s,))
+@pytest.mark.parametrize("method", ["kd", "dkd", "dist", "lskd"])
+def test_gradient(method):
+    s = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 3, 1, 1, 2])
+    assert torch.autograd.gradcheck(lambda z: distill.logit_loss(method, z, t, y, epoch=10), (s,))
 
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="'crd' is not known; expected one of none, kd"):
         distill.logit_loss("crd", torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]))
+
+
+def test_unknown_hyperparameter_is_refused():
+    with pytest.raises(TypeError, match="beta"):
+        distill.logit_loss("kd", torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), beta=8.0)
+
+
+def fixed(n=16, k=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(n, k, generator=g, dtype=torch.float64) * 2, torch.randn(n, k, generator=g) * 3
+    return s, t.double(), torch.randint(0, k, (n,), generator=g)
+
+
+def kl(p, q):
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
+
+
+def softmax(z, T=1.0):
+    e = [math.exp(v / T) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def ce(z, label):
+    return -math.log(softmax(z)[label])
+
+
+def direct_dkd(s, t, y, epoch, T=4.0, alpha=1.0, beta=8.0, warmup=20):
+    """DKD from its definition, sample by sample in plain Python floats."""
+    total = 0.0
+    for zs, zt, label in zip(s.tolist(), t.tolist(), y.tolist(), strict=True):
+        ps, pt = softmax(zs, T), softmax(zt, T)
+        tckd = kl([pt[label], 1 - pt[label]], [ps[label], 1 - ps[label]])
+        rest = [i for i in range(len(zs)) if i != label]
+        nckd = kl(softmax([zt[i] for i in rest], T), softmax([zs[i] for i in rest], T))
+        total += ce(zs, label) + min(epoch / warmup, 1) * T * T * (alpha * tckd + beta * nckd)
+    return total / len(y)
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 10, 20, 240])
+def test_dkd_matches_its_formula_and_warms_up(epoch):
+    s, t, y = fixed()
+    got = distill.logit_loss("dkd", s, t, y, epoch).item()
+    assert got == pytest.approx(direct_dkd(s, t, y, epoch), rel=1e-6)
+    got = distill.logit_loss("dkd", s, t, y, epoch, beta=2.0, temperature=1.0).item()
+    assert got == pytest.approx(direct_dkd(s, t, y, epoch, T=1.0, beta=2.0), rel=1e-6)
+
+
+def test_dkd_warm_up_is_linear_then_flat():
+    s, t, y = fixed()
+    ce_only = distill.logit_loss("dkd", s, t, y, 0)
+    kd_part = [distill.logit_loss("dkd", s, t, y, e) - ce_only for e in (5, 10, 20, 40)]
+    torch.testing.assert_close(kd_part[1], 2 * kd_part[0])
+    torch.testing.assert_close(kd_part[2], 4 * kd_part[0])
+    torch.testing.assert_close(kd_part[3], kd_part[2])
+
+
+def pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (z - mb) for x, z in zip(a, b, strict=True))
+    den = math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((z - mb) ** 2 for z in b))
+    return num / (den + 1e-8)
+
+
+def direct_dist(s, t, y, tau=4.0):
+    ps = [softmax(z, tau) for z in s.tolist()]
+    pt = [softmax(z, tau) for z in t.tolist()]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ps, pt, strict=True)) / len(ps)
+    cols = range(len(ps[0]))
+    intra = 1 - sum(pearson([r[c] for r in ps], [r[c] for r in pt]) for c in cols) / len(cols)
+    mean_ce = sum(ce(z, label) for z, label in zip(s.tolist(), y.tolist(), strict=True)) / len(y)
+    return mean_ce + tau * tau * (2 * inter + 2 * intra)
+
+
+def test_dist_matches_its_formula():
+    s, t, y = fixed()
+    assert distill.logit_loss("dist", s, t, y).item() == pytest.approx(direct_dist(s, t, y), rel=1e-6)
+
+
+def standardized(z):
+    m = sum(z) / len(z)
+    sd = math.sqrt(sum((v - m) ** 2 for v in z) / (len(z) - 1))
+    return [(v - m) / (sd + 1e-7) for v in z]
+
+
+def test_lskd_matches_its_formula():
+    s, t, y = fixed()
+    total = 0.0
+    for zs, zt, label in zip(s.tolist(), t.tolist(), y.tolist(), strict=True):
+        soft = kl(softmax(standardized(zt), 2.0), softmax(standardized(zs), 2.0))
+        total += 0.1 * ce(zs, label) + 9 * 4 * soft
+    assert distill.logit_loss("lskd", s, t, y).item() == pytest.approx(total / len(y), rel=1e-6)
+
+
+def test_lskd_ignores_shift_and_scale_of_the_logits():
+    s, t, y = fixed()
+    base = distill.loss_terms("lskd", s, t, y)
+    teacher_moved = distill.loss_terms("lskd", s, 7.0 * t - 3.0, y)
+    student_moved = distill.loss_terms("lskd", 0.5 * s + 2.0, t, y)
+    torch.testing.assert_close(sum(teacher_moved.values()), sum(base.values()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(student_moved["kd"], base["kd"], rtol=1e-6, atol=0)
+    plain_kd = distill.loss_terms("kd", s, 7.0 * t, y)["kd"], distill.loss_terms("kd", s, t, y)["kd"]
+    assert not torch.allclose(*plain_kd)
+
+
+def test_standardisation_composes_with_dkd():
+    s, t, y = fixed()
+    plain = distill.logit_loss("dkd", s, t, y, 20)
+    flagged = distill.logit_loss("dkd", s, t, y, 20, standardize_logits=True)
+    moved = distill.logit_loss("dkd", s, 5.0 * t + 1.0, y, 20, standardize_logits=True)
+    assert not torch.allclose(plain, flagged)
+    torch.testing.assert_close(moved, flagged, rtol=1e-6, atol=0)

@@ -129,14 +129,51 @@ class Teacher(Section):
 
 
 class Student(Section):
+    """The student's net, its distillation method, and, under `student.<method>`, any method's
+    hyperparameters (bayeskd.distill.hparams lists each method's names and defaults)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
     net: str
-    method: Literal["kd", "none"]
-    temperature: Annotated[float, Field(gt=0)]
-    ce_weight: Annotated[float, Field(ge=0)]
-    kd_weight: Annotated[float, Field(ge=0)]
+    method: str
     optim: Optim
 
     _net = field_validator("net")(_known_net)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from bayeskd.distill import all_methods
+
+        if name not in all_methods():
+            raise ValueError(f"{name!r} is not a known distillation method; expected one of "
+                             f"{', '.join(all_methods())}")
+        return name
+
+    @model_validator(mode="after")
+    def _known_hparams(self) -> Student:
+        from bayeskd.distill import all_methods, hparams
+
+        for method, values in (self.model_extra or {}).items():
+            if method not in all_methods():
+                raise ValueError(f"student.{method}: unknown key; allowed here: net, method, optim, "
+                                 f"and a method's hyperparameters under one of {', '.join(all_methods())}")
+            if not isinstance(values, dict):
+                raise ValueError(f"student.{method} = {values!r}: expected a mapping of {method}'s "
+                                 "hyperparameters to values")
+            defaults = hparams(method)
+            for key, value in values.items():
+                if key not in defaults:
+                    raise ValueError(f"student.{method}.{key} = {value!r}: not a hyperparameter of {method}; "
+                                     f"allowed: {', '.join(defaults) or 'none'}")
+                kind = bool if isinstance(defaults[key], bool) else (int, float)
+                if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+                    raise ValueError(f"student.{method}.{key} = {value!r}: expected "
+                                     f"{'true or false' if kind is bool else 'a number'}")
+        return self
+
+    def hparams(self) -> dict[str, float | int | bool]:
+        """The hyperparameters of the chosen method that params.yaml sets."""
+        return dict((self.model_extra or {}).get(self.method, {}))
 
 
 class Cache(Section):
@@ -231,7 +268,7 @@ def _describe(err: dict) -> str:
         return f"{key} = {err['input']!r}: not allowed; expected {err['ctx']['expected']}"
     msg = err["msg"].removeprefix("Value error, ")
     if isinstance(err["input"], dict):  # a model-level check: the message already names the values
-        return f"{key}: {msg}"
+        return msg if msg.startswith(f"{key}.") else f"{key}: {msg}"
     return f"{key} = {err['input']!r}: {msg}"
 
 

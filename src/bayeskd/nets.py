@@ -3,6 +3,7 @@ small MLPs and CNNs for the embedded datasets, and the CIFAR KD model zoo of `ba
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,22 +27,25 @@ def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
 
 
 def cnn(widths: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
-    """Conv-BN-ReLU blocks (a 2x2 max-pool after the first), global average pool, linear head."""
+    """Conv-BN-ReLU stages (a 2x2 max-pool ends the first), global average pool, linear head. The
+    stage outputs and the pooled vector are its feature taps (`feature_names`), as in the zoo."""
 
     def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
         if len(in_shape) != 3:
             raise ValueError(
                 f"a CNN needs image input (channels, height, width); the data has shape {tuple(in_shape)}"
             )
-        layers: list[nn.Module] = []
+        layers: dict[str, nn.Module] = {}
         channels = in_shape[0]
         for i, w in enumerate(widths):
-            layers.append(Conv2dNormActivation(channels, w, kernel_size=3))
-            if i == 0:
-                layers.append(nn.MaxPool2d(2))
+            block = Conv2dNormActivation(channels, w, kernel_size=3)
+            layers[f"stage{i + 1}"] = nn.Sequential(block, nn.MaxPool2d(2)) if i == 0 else block
             channels = w
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
-        return nn.Sequential(*layers)
+        layers |= {"pool": nn.AdaptiveAvgPool2d(1), "flatten": nn.Flatten(),
+                   "fc": nn.Linear(channels, num_classes)}
+        net = nn.Sequential(OrderedDict(layers))
+        net.feature_names = [*(f"stage{i + 1}" for i in range(len(widths))), "flatten"]
+        return net
 
     return build
 

@@ -126,12 +126,16 @@ def fit(
     name: str = "model",
     augment: CropFlip | None = None,
     view_table: Tensor | None = None,
+    extra: nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place for cfg.epochs epochs; return the per-epoch metrics.
 
     With `augment`, every sample is seen in one view per epoch: a view id drawn uniformly, or, with
     `view_table` (samples x slots of view ids, as a logit cache holds them), a slot drawn uniformly
     and the view id it names.
+
+    `extra` holds trainable parts that belong to the loss (a distillation method's connectors, heads,
+    memory banks): they train with the model and are checkpointed with it, but are not the model.
 
     `on_epoch(epoch, metrics)` is called once per epoch in order, also for the epochs restored
     from a checkpoint, so a logger sees the same sequence whether or not the run was resumed.
@@ -143,14 +147,17 @@ def fit(
     model.to(device, memory_format=torch.channels_last if cuda and x.dim() == 4 else torch.preserve_format)
     x, y = _on_device(x, device), y.to(x.device if cuda else "cpu")
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    extra = (extra or nn.Module()).to(device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    opt = torch.optim.SGD([*model.parameters(), *extra.parameters()], lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     history: list[dict[str, float]] = []
     ckpt = _load_checkpoint(checkpoint, fingerprint)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        extra.load_state_dict(ckpt["extra"])
         opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
         history = list(ckpt["history"])
         if rank == 0:
             print(f"{name}: resuming after epoch {len(history)}/{cfg.epochs} from {checkpoint}", flush=True)
@@ -166,6 +173,7 @@ def fit(
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
+        extra.train()
         sums: dict[str, float] = {}
         correct = 0
         order, drawn = epoch_draws(n, seed, epoch, slots)
@@ -183,6 +191,11 @@ def fit(
                 loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:  # DDP averages the model's gradients; the extra parts' the same way
+                for p in extra.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
             opt.step()
             for k, v in (terms | {"loss": loss}).items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
@@ -203,11 +216,13 @@ def fit(
         if rank == 0:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                            "optimizer": opt.state_dict(), "history": history}, tmp)
+                            "extra": extra.state_dict(), "optimizer": opt.state_dict(),
+                            "rng": torch.get_rng_state(), "history": history}, tmp)
             if on_epoch:
                 on_epoch(epoch, metrics)
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(f"{name} epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - start:.1f}s)",
                   flush=True)
     model.cpu()
+    extra.cpu()
     return history

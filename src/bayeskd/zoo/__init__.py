@@ -56,18 +56,36 @@ ZOO: dict[str, Callable[[int, Sequence[int]], nn.Module]] = {
 }
 
 
+class Tap:
+    """Keeps the latest outputs of `model`'s feature layers (forward hooks on `model.feature_names`),
+    so a loss can read the features of the forward pass that produced the logits."""
+
+    def __init__(self, model: nn.Module):
+        names = getattr(model, "feature_names", None)
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no feature taps (no `feature_names`)")
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [model.get_submodule(n).register_forward_hook(self._keeper(n)) for n in names]
+        self.names = list(names)
+
+    def _keeper(self, name: str):
+        def keep(_module, _inputs, output):
+            self.outputs[name] = output
+
+        return keep
+
+    def read(self) -> dict[str, torch.Tensor]:
+        return {name: self.outputs[name] for name in self.names}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run `model` on `x` and return (logits, {name: output}) for every name in `model.feature_names`."""
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
+    tap = Tap(model)
     try:
-        for name in model.feature_names:
-            def keep(_module, _inputs, output, name=name):
-                outputs[name] = output
-
-            handles.append(model.get_submodule(name).register_forward_hook(keep))
-        logits = model(x)
+        return model(x), tap.read()
     finally:
-        for handle in handles:
-            handle.remove()
-    return logits, {name: outputs[name] for name in model.feature_names}
+        tap.remove()

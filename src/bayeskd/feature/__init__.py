@@ -1,0 +1,34 @@
+"""Feature-based distillation methods, registered by name. The teacher runs online, since its
+features depend on the exact input; logit methods (bayeskd.distill) read the cache instead."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from bayeskd.feature.base import Extractor, FeatureMethod, Features, paired
+
+METHODS: dict[str, type[FeatureMethod]] = {}
+
+__all__ = ["METHODS", "Extractor", "FeatureMethod", "Features", "build", "paired"]
+
+
+def build(name: str, student: nn.Module, teacher: nn.Module, in_shape: Sequence[int], num_samples: int,
+          **hparams: float) -> FeatureMethod:
+    """Method `name` for this pair of nets, sized by one probe batch through both (in eval mode, so
+    no batch-norm statistics move)."""
+    modes = student.training, teacher.training
+    probe = torch.zeros(2, *in_shape, device=next(student.parameters()).device)
+    with torch.no_grad():
+        s = Extractor(student.eval())
+        t = Extractor(teacher.eval())
+        try:
+            s_probe, t_probe = s(probe), t(probe)
+        finally:
+            s.remove()
+            t.remove()
+    student.train(modes[0])
+    teacher.train(modes[1])
+    return METHODS[name](s_probe, t_probe, num_samples, **hparams)

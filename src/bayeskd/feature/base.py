@@ -1,0 +1,72 @@
+"""What every feature-based method shares: the features of one forward pass, and the method base."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bayeskd.train import Batch
+from bayeskd.zoo import Tap
+
+
+@dataclass
+class Features:
+    """One forward pass of a net: its logits, its stage outputs (N x C x H x W, shallow to deep; the
+    taps named stage*), and the pre-logit vector (N x D; the last tap)."""
+
+    logits: Tensor
+    stages: list[Tensor]
+    pooled: Tensor
+    rerun: Callable[[Tensor], Features] | None = None  # the same net on other inputs
+
+
+class Extractor:
+    """Reads the features of `model`'s forward passes through forward hooks on its taps."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tap = Tap(model)
+
+    def last(self, logits: Tensor) -> Features:
+        """The features of the forward pass that returned `logits` (the model's latest)."""
+        outputs = self.tap.read()
+        stages = [v for k, v in outputs.items() if k.rsplit(".", 1)[-1].startswith("stage")]
+        return Features(logits, stages, outputs[self.tap.names[-1]], rerun=self)
+
+    def __call__(self, x: Tensor) -> Features:
+        return self.last(self.model(x))
+
+    def remove(self) -> None:
+        self.tap.remove()
+
+
+def paired(student: list[Tensor], teacher: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The deepest min(len) entries of both lists, paired in order: nets with fewer stages are
+    matched from the top, where the features are closest to the output."""
+    n = min(len(student), len(teacher))
+    return list(zip(student[len(student) - n :], teacher[len(teacher) - n :], strict=True))
+
+
+class FeatureMethod(nn.Module):
+    """A feature-based KD method. Subclasses take, in this order, the student's and the teacher's
+    `Features` of a probe batch (for shapes), the number of training samples, and keyword-only
+    hyperparameters with their defaults (these are the method's params.yaml keys). Their trainable
+    parts (connectors, heads) and buffers (memory banks) are submodules: they train with the student,
+    are saved in its checkpoint, and are not part of the exported student.
+
+    A call returns named loss terms: "ce" (ce_weight * cross-entropy on the labels) and the method's
+    own, which `terms` computes."""
+
+    def __init__(self, ce_weight: float):
+        super().__init__()
+        self.ce_weight = ce_weight
+
+    def forward(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
+        """`epoch` counts from 1, as the reference code does (warm-ups reach full weight at epoch w)."""
+        return {"ce": self.ce_weight * F.cross_entropy(s.logits, batch.y)} | self.terms(s, t, batch, epoch)
+
+    def terms(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
+        raise NotImplementedError
