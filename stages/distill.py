@@ -52,6 +52,9 @@ def main() -> None:
             student_features, teacher_features = feature.Extractor(model), feature.Extractor(online)
         except ValueError as e:
             fail(f"student.method = {s.method!r} cannot distill {p.teacher.net} -> {s.net}: {e}", code=2)
+        if method.single_process and p.compute.processes > 1:
+            fail(f"student.method = {s.method!r} runs in one process only; compute.processes = "
+                 f"{p.compute.processes}: set it to 1", code=2)
         online.to(default_device())
 
         def loss_fn(logits, batch, epoch):

@@ -40,8 +40,9 @@ def test_method_hyperparameters_are_checked_against_the_method():
     assert "student.dkd.gama = 3: not a hyperparameter of dkd" in msg and "beta" in msg.split("allowed:")[1]
     assert "expected a number" in error_for(lambda r: r["student"]["dkd"].update(beta="6"))
     assert "expected true or false" in error_for(lambda r: r["student"]["kd"].update(standardize_logits=1))
+    assert "expected an integer" in error_for(lambda r: r["student"]["crd"].update(nce_k=4096.5))
     msg = error_for(lambda r: r["student"].update(method="crd2"))
-    assert "student.method = 'crd2'" in msg and "dkd" in msg and "crd" in msg
+    assert "student.method = 'crd2'" in msg and "dkd" in msg and "reviewkd" in msg
 
 
 def test_params_yaml_lists_every_method_with_its_code_defaults():

@@ -159,3 +159,11 @@ def test_standardisation_composes_with_dkd():
     moved = distill.logit_loss("dkd", s, 5.0 * t + 1.0, y, 20, standardize_logits=True)
     assert not torch.allclose(plain, flagged)
     torch.testing.assert_close(moved, flagged, rtol=1e-6, atol=0)
+
+
+def test_feature_methods_need_nets_with_feature_taps():
+    from bayeskd import feature, nets
+
+    student, teacher = nets.build("mlp_student", 3, (30,)), nets.build("mlp_teacher", 3, (30,))
+    with pytest.raises(ValueError, match="no feature taps"):
+        feature.build("at", student, teacher, (30,), 100)

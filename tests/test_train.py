@@ -75,3 +75,35 @@ def test_checkpoint_of_other_inputs_is_not_resumed(tmp_path, capsys):
     assert "starting afresh" in capsys.readouterr().out
     reference, _ = train(tmp_path, "other.pt", fingerprint="second")
     assert same_weights(fresh, reference)
+
+
+def crd_run(tmp_path, epochs: int) -> tuple[dict, dict]:
+    """A cnn student with CRD (memory banks, random negatives) on random digits-sized images."""
+    from bayeskd import feature
+
+    seed_everything(0)
+    x, y = torch.rand(96, 1, 8, 8), torch.randint(0, 10, (96,))
+    student = nets.build("cnn_student", 10, (1, 8, 8))
+    teacher = nets.build("cnn_teacher", 10, (1, 8, 8)).eval().requires_grad_(False)
+    method = feature.build("crd", student, teacher, (1, 8, 8), len(y), nce_k=16)
+    s, t = feature.Extractor(student), feature.Extractor(teacher)
+
+    def crd_loss(logits, batch, epoch):
+        with torch.no_grad():
+            t_out = t(batch.x)
+        return method(s.last(logits), t_out, batch, epoch + 1)
+
+    cfg = CFG.model_copy(update={"epochs": epochs})
+    fit(student, crd_loss, x, y, cfg, seed=0, checkpoint=tmp_path / "crd.pt", fingerprint="crd", extra=method)
+    return student.state_dict(), method.state_dict()
+
+
+def test_a_methods_own_parts_train_and_resume_bit_for_bit(tmp_path):
+    whole = crd_run(tmp_path / "a", epochs=3)
+    crd_run(tmp_path / "b", epochs=2)  # "killed" after epoch 2: its checkpoint stays
+    resumed = crd_run(tmp_path / "b", epochs=3)
+    for a, b in zip(whole, resumed, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = crd_run(tmp_path / "c", epochs=1)[1]
+    assert not torch.equal(fresh["memory_s.rows"], whole[1]["memory_s.rows"])  # the banks moved
+    assert not torch.equal(fresh["embed_s.weight"], whole[1]["embed_s.weight"])  # the embedding trained

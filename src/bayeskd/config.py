@@ -165,10 +165,11 @@ class Student(Section):
                 if key not in defaults:
                     raise ValueError(f"student.{method}.{key} = {value!r}: not a hyperparameter of {method}; "
                                      f"allowed: {', '.join(defaults) or 'none'}")
-                kind = bool if isinstance(defaults[key], bool) else (int, float)
+                default = defaults[key]
+                kind, what = ((bool, "true or false") if isinstance(default, bool) else
+                              (int, "an integer") if isinstance(default, int) else ((int, float), "a number"))
                 if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
-                    raise ValueError(f"student.{method}.{key} = {value!r}: expected "
-                                     f"{'true or false' if kind is bool else 'a number'}")
+                    raise ValueError(f"student.{method}.{key} = {value!r}: expected {what}")
         return self
 
     def hparams(self) -> dict[str, float | int | bool]:

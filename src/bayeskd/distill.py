@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bayeskd import feature
+from bayeskd.losses import soft_kl
 
 LogitMethod = Callable[..., dict[str, Tensor]]
 
@@ -28,13 +29,6 @@ def standardize(z: Tensor) -> Tensor:
     """Logit standardisation (Sun et al., CVPR 2024): (z - mean) / (std + 1e-7) over the classes, with
     the Bessel-corrected std. Invariant to shifting and (up to the 1e-7) scaling the logits."""
     return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
-
-
-def _kl(student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over classes, batch-averaged."""
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                  reduction="batchmean", log_target=True)
-    return t * t * kl
 
 
 def none(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
@@ -51,7 +45,7 @@ def kd(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, epoch: i
     if standardize_logits:
         s, t = standardize(s), standardize(t)
     return {"ce": ce_weight * F.cross_entropy(student_logits, targets),
-            "kd": kd_weight * _kl(s, t, temperature)}
+            "kd": kd_weight * soft_kl(s, t, temperature)}
 
 
 def lskd(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, epoch: int = 0, *,
@@ -82,7 +76,7 @@ def dkd(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, epoch: 
         return z[~target].view(len(z), -1)
 
     tckd = F.kl_div(binary(s), binary(t), reduction="batchmean", log_target=True)
-    nckd = _kl(others(s), others(t), 1.0)
+    nckd = soft_kl(others(s), others(t), 1.0)
     ramp = min(epoch / warmup, 1.0) * temperature**2
     return {"ce": ce_weight * F.cross_entropy(student_logits, targets),
             "tckd": ramp * alpha * tckd, "nckd": ramp * beta * nckd}

@@ -28,3 +28,12 @@ def ls(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
 
 
 TEACHER_LOSSES = {"ce": ce, "mse": mse, "ls": ls}
+
+
+def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over classes, batch-averaged:
+    the distillation term of Hinton et al. and of the methods built on it."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return t * t * kl

@@ -9,8 +9,16 @@ import torch
 from torch import nn
 
 from bayeskd.feature.base import Extractor, FeatureMethod, Features, paired
+from bayeskd.feature.crd import CRD
+from bayeskd.feature.hints import AT, VID, FitNet
+from bayeskd.feature.hsakd import HSAKD
+from bayeskd.feature.relations import CC, PKT, RKD, SP
+from bayeskd.feature.reviewkd import ReviewKD
 
-METHODS: dict[str, type[FeatureMethod]] = {}
+METHODS: dict[str, type[FeatureMethod]] = {
+    "fitnet": FitNet, "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT,
+    "crd": CRD, "reviewkd": ReviewKD, "hsakd": HSAKD,
+}
 
 __all__ = ["METHODS", "Extractor", "FeatureMethod", "Features", "build", "paired"]
 

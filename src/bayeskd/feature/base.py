@@ -60,6 +60,8 @@ class FeatureMethod(nn.Module):
     A call returns named loss terms: "ce" (ce_weight * cross-entropy on the labels) and the method's
     own, which `terms` computes."""
 
+    single_process = False  # True: the method's state cannot be shared by DDP processes
+
     def __init__(self, ce_weight: float):
         super().__init__()
         self.ce_weight = ce_weight
