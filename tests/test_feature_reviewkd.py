@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bayeskd import feature, nets
+from bayeskd import feature
 from bayeskd.feature.reviewkd import ReviewKD, hcl
 from bayeskd.train import Batch
 from conftest import feature_steps
@@ -78,23 +78,6 @@ def test_reviewkd_trains():
     loss = [h["reviewkd"] for h in history]
     assert all(math.isfinite(v) for h in history for v in h.values())
     assert sum(loss[-5:]) / 5 < 0.95 * loss[0]
-
-
-def test_gradients_reach_the_student_and_the_fusion_not_the_teacher():
-    torch.manual_seed(0)
-    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
-    student, teacher = (
-        nets.build("cnn_student", 10, (1, 8, 8)),
-        nets.build("cnn_teacher", 10, (1, 8, 8)).eval(),
-    )
-    method = feature.build("reviewkd", student, teacher, (1, 8, 8), num_samples=8)
-    terms = method(
-        feature.Extractor(student)(x), feature.Extractor(teacher)(x), Batch(x, y, torch.arange(8)), 20
-    )
-    terms["reviewkd"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
-    assert student.stage1[0][0].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_zoo_pair():

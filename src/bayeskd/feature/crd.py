@@ -56,19 +56,9 @@ class CRD(FeatureMethod):
 
     single_process = True  # memory banks per sample
 
-    def __init__(
-        self,
-        student: Features,
-        teacher: Features,
-        num_samples: int,
-        *,
-        weight: float = 0.8,
-        ce_weight: float = 1.0,
-        feat_dim: int = 128,
-        nce_k: int = 16384,
-        nce_t: float = 0.07,
-        nce_m: float = 0.5,
-    ):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 0.8,
+                 ce_weight: float = 1.0, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
+                 nce_m: float = 0.5):
         super().__init__(ce_weight)
         if num_samples < 2:
             raise ValueError(f"CRD needs at least 2 training samples for negatives; got {num_samples}")

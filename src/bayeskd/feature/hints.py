@@ -27,15 +27,8 @@ class FitNet(FeatureMethod):
     """FitNets: hints for thin deep nets (Romero et al., ICLR 2015):
     weight * mean((r(f_s) - f_t)^2) on the middle stage pair, r a 1x1 conv + batch norm."""
 
-    def __init__(
-        self,
-        student: Features,
-        teacher: Features,
-        num_samples: int,
-        *,
-        weight: float = 100.0,
-        ce_weight: float = 1.0,
-    ):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 100.0,
+                 ce_weight: float = 1.0):
         super().__init__(ce_weight)
         self.weight = weight
         pairs = paired(student.stages, teacher.stages)
@@ -59,16 +52,8 @@ class AT(FeatureMethod):
     """Attention transfer (Zagoruyko and Komodakis, ICLR 2017): weight * sum over stage pairs of
     mean((Q_s - Q_t)^2), Q = vec(mean_c |f|^p) / ||vec(mean_c |f|^p)||_2."""
 
-    def __init__(
-        self,
-        student: Features,
-        teacher: Features,
-        num_samples: int,
-        *,
-        weight: float = 1000.0,
-        ce_weight: float = 1.0,
-        p: float = 2.0,
-    ):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1000.0,
+                 ce_weight: float = 1.0, p: float = 2.0):
         super().__init__(ce_weight)
         self.weight = weight
         self.p = p
@@ -86,17 +71,8 @@ class VID(FeatureMethod):
     negative log-likelihood mean(log(sigma_c^2) / 2 + (f_t - mu(f_s))^2 / (2 sigma_c^2)), summed over
     pairs, times weight; mu a 1x1-conv regressor, sigma_c^2 = softplus(alpha_c) + eps."""
 
-    def __init__(
-        self,
-        student: Features,
-        teacher: Features,
-        num_samples: int,
-        *,
-        weight: float = 1.0,
-        ce_weight: float = 1.0,
-        init_pred_var: float = 5.0,
-        eps: float = 1e-5,
-    ):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
+                 ce_weight: float = 1.0, init_pred_var: float = 5.0, eps: float = 1e-5):
         super().__init__(ce_weight)
         self.weight = weight
         self.eps = eps

@@ -57,18 +57,9 @@ class HSAKD(FeatureMethod):
 
     single_process = True  # reruns the student outside DDP
 
-    def __init__(
-        self,
-        student: Features,
-        teacher: Features,
-        num_samples: int,
-        *,
-        weight: float = 1.0,
-        ce_weight: float = 1.0,
-        joint_weight: float = 1.0,
-        teacher_weight: float = 1.0,
-        temperature: float = 3.0,
-    ):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
+                 ce_weight: float = 1.0, joint_weight: float = 1.0, teacher_weight: float = 1.0,
+                 temperature: float = 3.0):
         super().__init__(ce_weight)
         _square(student, "student")
         _square(teacher, "teacher")

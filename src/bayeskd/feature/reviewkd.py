@@ -71,17 +71,8 @@ class ReviewKD(FeatureMethod):
     code takes the teacher's pre-activation features. The reference scripts tune the weight per pair
     (0.6 to 8); the default here is 1."""
 
-    def __init__(
-        self,
-        student: Features,
-        teacher: Features,
-        num_samples: int,
-        *,
-        weight: float = 1.0,
-        ce_weight: float = 1.0,
-        warmup: int = 20,
-        max_mid_channels: int = 512,
-    ):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
+                 ce_weight: float = 1.0, warmup: int = 20, max_mid_channels: int = 512):
         super().__init__(ce_weight)
         self.weight = weight
         self.warmup = warmup
