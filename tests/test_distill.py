@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bayeskd import distill
+from bayeskd.train import Batch
 
 
 def direct_kd(s, t, y, T, a, b):
@@ -161,9 +162,17 @@ def test_standardisation_composes_with_dkd():
     torch.testing.assert_close(moved, flagged, rtol=1e-6, atol=0)
 
 
-def test_feature_methods_need_nets_with_feature_taps():
+@pytest.mark.parametrize("name", ["pkt", "cc", "rkd", "crd", "at", "sp", "reviewkd"])
+def test_mlps_serve_the_methods_of_pre_logit_vectors_and_refuse_the_others(name):
     from bayeskd import feature, nets
 
     student, teacher = nets.build("mlp_student", 3, (30,)), nets.build("mlp_teacher", 3, (30,))
-    with pytest.raises(ValueError, match="no feature taps"):
-        feature.build("at", student, teacher, (30,), 100)
+    if feature.METHODS[name].uses_stages:
+        with pytest.raises(ValueError, match=f"{name} matches stage feature maps and the student has none"):
+            feature.build(name, student, teacher, (30,), 100)
+        return
+    method = feature.build(name, student, teacher, (30,), 100)
+    x, y = torch.randn(8, 30), torch.randint(0, 3, (8,))
+    s, t = feature.Extractor(student), feature.Extractor(teacher)
+    terms = method(s(x), t(x), Batch(x, y, torch.arange(8)), 1)
+    assert s(x).pooled.shape == (8, 16) and all(torch.isfinite(v) for v in terms.values())

@@ -15,13 +15,16 @@ from bayeskd.zoo import ZOO
 
 
 def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
-    """A fully connected ReLU net on the flattened input."""
+    """A fully connected ReLU net on the flattened input. Its one feature tap is the last hidden layer
+    (the pre-logit vector): it has no stages."""
 
     def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
         in_features = 1
         for d in in_shape:
             in_features *= d
-        return nn.Sequential(nn.Flatten(), MLP(in_features, [*hidden, num_classes]))
+        net = nn.Sequential(nn.Flatten(), MLP(in_features, [*hidden, num_classes]))
+        net.feature_names = [f"1.{len(net[1]) - 3}"]  # the last hidden activation (MLP ends Linear, Dropout)
+        return net
 
     return build
 

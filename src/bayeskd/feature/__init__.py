@@ -39,4 +39,9 @@ def build(name: str, student: nn.Module, teacher: nn.Module, in_shape: Sequence[
             t.remove()
     student.train(modes[0])
     teacher.train(modes[1])
-    return METHODS[name](s_probe, t_probe, num_samples, **hparams)
+    method = METHODS[name]
+    for role, probe in (("student", s_probe), ("teacher", t_probe)):
+        if method.uses_stages and not probe.stages:
+            raise ValueError(f"{name} matches stage feature maps and the {role} has none (only a pre-logit "
+                             "vector); use nets with stages (the zoo, cnn_teacher, cnn_student)")
+    return method(s_probe, t_probe, num_samples, **hparams)

@@ -61,6 +61,7 @@ class FeatureMethod(nn.Module):
     own, which `terms` computes."""
 
     single_process = False  # True: the method's state cannot be shared by DDP processes
+    uses_stages = True  # False: the pre-logit vectors are all it needs
 
     def __init__(self, ce_weight: float):
         super().__init__()

@@ -55,6 +55,7 @@ class CRD(FeatureMethod):
     all other samples, since the labels of the training set are not at hand; K = min(nce_k, N - 1)."""
 
     single_process = True  # memory banks per sample
+    uses_stages = False
 
     def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 0.8,
                  ce_weight: float = 1.0, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,

@@ -38,6 +38,8 @@ class PKT(FeatureMethod):
     K_ij = (1 + cos(f_i, f_j)) / 2 and P_ij = K_ij / sum_j K_ij, weight * mean_ij P^t_ij log(P^t_ij / P^s_ij)
     (eps added inside the log)."""
 
+    uses_stages = False
+
     def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 30000.0,
                  ce_weight: float = 1.0, eps: float = 1e-7):
         super().__init__(ce_weight)
@@ -85,6 +87,8 @@ class CC(FeatureMethod):
     weight * 1/(b-1) sum_{i=0}^{b-2} sum_d delta_id delta_(i+1)d, products of consecutive samples' embedding
     differences."""
 
+    uses_stages = False
+
     def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 0.02,
                  ce_weight: float = 1.0, embed_dim: int = 128):
         super().__init__(ce_weight)
@@ -118,6 +122,8 @@ class RKD(FeatureMethod):
     """Relational KD (Park et al., CVPR 2019) on pooled features: weight * (distance_weight *
     smoothL1(psi_D^s, psi_D^t) + angle_weight * smoothL1(psi_A^s, psi_A^t)), psi_D the pairwise distances
     over their mean, psi_A the triplet angle cosines, both losses averaged over all entries."""
+
+    uses_stages = False
 
     def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
                  ce_weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0):
