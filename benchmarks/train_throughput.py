@@ -75,7 +75,7 @@ def reference(name: str, pixels, labels, batch: int, steps: int, workers: int) -
     return time.perf_counter() - start
 
 
-def ours(name: str, pixels, labels, batch: int, steps: int, workdir: Path) -> float:
+def ours(name: str, pixels, labels, batch: int, steps: int, workdir: Path, compiled: bool) -> float:
     """Seconds for `steps` steps of `bayeskd.train.fit` (after one warm-up step)."""
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(labels)
@@ -88,7 +88,7 @@ def ours(name: str, pixels, labels, batch: int, steps: int, workdir: Path) -> fl
         start = time.perf_counter()
         fit(model, lambda logits, b, e: {"ce": F.cross_entropy(logits, b.y)}, x[: n_steps * batch],
             y[: n_steps * batch], cfg, seed=0, checkpoint=workdir / f"{name}-{batch}-{label}.pt",
-            fingerprint=label, augment=CropFlip(4), name=f"{name} batch {batch}")
+            fingerprint=label, augment=CropFlip(4), name=f"{name} batch {batch}", compiled=compiled)
         seconds.append(time.perf_counter() - start)
     return seconds[-1]
 
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--large-batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    parser.add_argument("--compile", action="store_true", help="this loop with compute.compile (the warm-up "
+                        "step compiles)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     n = (args.steps + 1) * args.large_batch
@@ -110,7 +112,7 @@ def main() -> None:
         for name in ("resnet32x4", "resnet8x4"):
             for batch in (64, args.large_batch):
                 t_ref = reference(name, pixels, labels, batch, args.steps, args.workers)
-                t_ours = ours(name, pixels, labels, batch, args.steps, Path(tmp))
+                t_ours = ours(name, pixels, labels, batch, args.steps, Path(tmp), args.compile)
                 done = args.steps * batch
                 print(f"{name:10s} batch {batch:4d}: this loop {done / t_ours:8.1f} images/s, "
                       f"reference {done / t_ref:8.1f} images/s, ratio {t_ref / t_ours:.2f}")

@@ -66,7 +66,7 @@ def main() -> None:
         history = fit(model, loss_fn, x, y, s.optim, seed=p.seed, checkpoint=CHECKPOINT,
                       val=tensors(ds, "val"), on_epoch=on_epoch,
                       augment=aug, view_table=teacher.view_table if aug else None,
-                      name=f"student[{s.method}]", extra=method,
+                      name=f"student[{s.method}]", extra=method, compiled=p.compute.compile,
                       fingerprint=fingerprint(s.model_dump(), p.seed,
                                               files=(f"{DATA}/train.npz", f"{CACHE}/manifest.json")))
     finish(model, history, STUDENT, CHECKPOINT, f"student {s.net} ({s.method})")

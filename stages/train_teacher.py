@@ -25,7 +25,7 @@ def main() -> None:
                       augment=augmentation(p),
                       fingerprint=fingerprint(t.model_dump(), p.seed, p.data.augment.model_dump(),
                                               files=(f"{DATA}/train.npz",)),
-                      name=f"teacher[{t.loss}]")
+                      name=f"teacher[{t.loss}]", compiled=p.compute.compile)
     finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})")
 
 

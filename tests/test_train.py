@@ -107,3 +107,19 @@ def test_a_methods_own_parts_train_and_resume_bit_for_bit(tmp_path):
     fresh = crd_run(tmp_path / "c", epochs=1)[1]
     assert not torch.equal(fresh["memory_s.rows"], whole[1]["memory_s.rows"])  # the banks moved
     assert not torch.equal(fresh["embed_s.weight"], whole[1]["embed_s.weight"])  # the embedding trained
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    cfg = CFG.model_copy(update={"epochs": 2})
+    results = []
+    for compiled in (False, True):
+        seed_everything(0)
+        x, y = torch.randn(128, 30), torch.randint(0, 3, (128,))
+        model = nets.build("mlp_student", 3, (30,))
+        history = fit(model, loss_fn, x, y, cfg, seed=0, checkpoint=tmp_path / f"{compiled}.pt",
+                      fingerprint="c", compiled=compiled)
+        results.append((model.state_dict(), history))
+    (eager, eager_history), (compiled, compiled_history) = results
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
+    assert compiled_history[-1]["train/loss"] == pytest.approx(eager_history[-1]["train/loss"], rel=1e-4)

@@ -187,6 +187,7 @@ class Cache(Section):
 
 class Compute(Section):
     processes: Annotated[int, Field(ge=1, le=64)]  # training processes per stage (torchrun, DDP)
+    compile: bool  # torch.compile the training forward
 
 
 class Evaluate(Section):

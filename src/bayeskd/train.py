@@ -12,7 +12,8 @@ the CPU. Several processes: under `torchrun` the same loop runs data-parallel (D
 NCCL on GPUs). Every rank draws the same global batch of `batch_size` samples and takes its own
 contiguous part of it; DDP averages the gradients, so a step equals a single process's step on the
 whole batch and the learning rate stays as it is. (To grow the global batch with more GPUs instead,
-scale the learning rate linearly with it.)
+scale the learning rate linearly with it.) On GPUs, batch norm is synchronised across the processes
+(SyncBatchNorm); gloo has no SyncBatchNorm, so CPU processes normalise with their own part.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def fit(
     augment: CropFlip | None = None,
     view_table: Tensor | None = None,
     extra: nn.Module | None = None,
+    compiled: bool = False,
 ) -> list[dict[str, float]]:
     """Train `model` in place for cfg.epochs epochs; return the per-epoch metrics.
 
@@ -137,6 +139,8 @@ def fit(
     `extra` holds trainable parts that belong to the loss (a distillation method's connectors, heads,
     memory banks): they train with the model and are checkpointed with it, but are not the model.
 
+    `compiled` runs the training forward through torch.compile (the first steps pay for compiling).
+
     `on_epoch(epoch, metrics)` is called once per epoch in order, also for the epochs restored
     from a checkpoint, so a logger sees the same sequence whether or not the run was resumed.
     """
@@ -146,7 +150,10 @@ def fit(
     cuda = device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if cuda and x.dim() == 4 else torch.preserve_format)
     x, y = _on_device(x, device), y.to(x.device if cuda else "cpu")
+    if world > 1 and cuda:  # batch-norm statistics of the global batch, as one process would have them
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the root (no net is a bare BN)
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    net = torch.compile(net) if compiled else net
     extra = (extra or nn.Module()).to(device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     opt = torch.optim.SGD([*model.parameters(), *extra.parameters()], lr=cfg.lr, momentum=cfg.momentum,
