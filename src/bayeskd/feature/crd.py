@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayeskd.feature.base import FeatureMethod, Features
+from bayeskd.feature.base import FeatureMethod, Features, in_float32
 from bayeskd.train import Batch
 
 
@@ -92,13 +92,13 @@ class CRD(FeatureMethod):
         p_t = self.scores(e_t, self.memory_s, contrast, 1)
         return nce_loss(p_s, self.num_samples) + nce_loss(p_t, self.num_samples)
 
+    @in_float32
     def terms(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
         idx = batch.idx.cpu()
         contrast = torch.cat([idx[:, None], self.negatives(idx)], 1).to(self.z.device)
-        with torch.autocast(s.pooled.device.type, enabled=False):
-            e_s = F.normalize(self.embed_s(s.pooled.flatten(1).float()), dim=1)
-            e_t = F.normalize(self.embed_t(t.pooled.detach().flatten(1).float()), dim=1)
-            loss = self.contrast_loss(e_s, e_t, contrast)
+        e_s = F.normalize(self.embed_s(s.pooled.flatten(1)), dim=1)
+        e_t = F.normalize(self.embed_t(t.pooled.detach().flatten(1)), dim=1)
+        loss = self.contrast_loss(e_s, e_t, contrast)
         if self.training:
             self.memory_s.update(contrast[:, 0], e_s)
             self.memory_t.update(contrast[:, 0], e_t)

@@ -77,8 +77,6 @@ class HSAKD(FeatureMethod):
     def terms(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
         if s.rerun is None or t.rerun is None:
             raise ValueError("HSAKD reruns both nets on rotated inputs; the features carry no `rerun`")
-        if batch.x.shape[-2] != batch.x.shape[-1]:
-            raise ValueError(f"HSAKD needs square images; got {batch.x.shape[-2]}x{batch.x.shape[-1]}")
         x_rot = rotated(batch.x)
         s_rot = s.rerun(x_rot)
         with torch.no_grad():

@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayeskd.feature.base import FeatureMethod, Features
+from bayeskd.feature.base import FeatureMethod, Features, in_float32
 from bayeskd.train import Batch
-
-Terms = Callable[[FeatureMethod, Features, Features, Batch, int], dict[str, Tensor]]
-
-
-def in_float32(terms: Terms) -> Terms:
-    """`terms` run outside autocast on float32 features: batch relations computed in bf16 lose too much
-    (PKT's term, for one, comes out several times off)."""
-
-    def wide(x: Tensor) -> Tensor:
-        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-    def as_float(f: Features) -> Features:
-        return Features(wide(f.logits), [wide(x) for x in f.stages], wide(f.pooled), f.rerun)
-
-    @functools.wraps(terms)
-    def run(self: FeatureMethod, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        with torch.autocast(s.pooled.device.type, enabled=False):
-            return terms(self, as_float(s), as_float(t), batch, epoch)
-
-    return run
 
 
 class PKT(FeatureMethod):
