@@ -24,30 +24,22 @@ import torch
 from bayeskd import cache, distill, nets
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
-from bayeskd.train import fit, seed_everything
+from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
 
 BATCH, AUG = 64, CropFlip(4)
 
 
 def student_run(label: str, x, y, teacher, logit_cache, steps: int, workdir: Path) -> float:
-    """Seconds for `steps` KD steps of a fresh student (one epoch over steps * BATCH samples)."""
-
-    def loss_fn(logits, batch, epoch):
-        if logit_cache is None:
-            with torch.no_grad():
-                t = teacher(batch.x)
-        else:
-            t = logit_cache.logits(batch.idx, batch.slots)
-        return distill.loss_terms("kd", logits, t, batch.y, epoch)
-
+    """Seconds for `steps` KD steps of a fresh student (one epoch over steps * BATCH samples), its
+    teacher logits read from `logit_cache`, or, without one, from the teacher run online."""
     seed_everything(0)
     student = nets.build("resnet8x4", 100, (3, 32, 32))
+    kd = distill.distiller("kd", student, cache=logit_cache, teacher=None if logit_cache else teacher)
     cfg = Optim(epochs=1, batch_size=BATCH, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[],
                 gamma=0.1)
     start = time.perf_counter()
-    fit(student, loss_fn, x, y, cfg, seed=0, checkpoint=workdir / f"{label}.pt", fingerprint=label,
-        augment=AUG, name=f"student ({label})",
-        view_table=None if logit_cache is None else logit_cache.view_table)
+    fit(student, kd.loss_fn, TrainSet(x, y, AUG, kd.view_table), cfg, seed=0,
+        checkpoint=Checkpoint(workdir / f"{label}.pt", label), name=f"student ({label})")
     return time.perf_counter() - start
 
 

@@ -31,7 +31,7 @@ from bayeskd import nets
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
 from bayeskd.data import CIFAR
-from bayeskd.train import default_device, fit, seed_everything
+from bayeskd.train import Checkpoint, TrainSet, default_device, fit, seed_everything
 
 _, _, MEAN, STD = CIFAR["cifar100"]
 
@@ -86,9 +86,10 @@ def ours(name: str, pixels, labels, batch: int, steps: int, workdir: Path, compi
         cfg = Optim(epochs=1, batch_size=batch, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[],
                     gamma=0.1)
         start = time.perf_counter()
-        fit(model, lambda logits, b, e: {"ce": F.cross_entropy(logits, b.y)}, x[: n_steps * batch],
-            y[: n_steps * batch], cfg, seed=0, checkpoint=workdir / f"{name}-{batch}-{label}.pt",
-            fingerprint=label, augment=CropFlip(4), name=f"{name} batch {batch}", compiled=compiled)
+        data = TrainSet(x[: n_steps * batch], y[: n_steps * batch], CropFlip(4))
+        fit(model, lambda logits, b, e: {"ce": F.cross_entropy(logits, b.y)}, data, cfg, seed=0,
+            checkpoint=Checkpoint(workdir / f"{name}-{batch}-{label}.pt", label),
+            name=f"{name} batch {batch}", compiled=compiled)
         seconds.append(time.perf_counter() - start)
     return seconds[-1]
 

@@ -1,9 +1,9 @@
 """Stage cache_logits: teacher logits for every (training sample, view), with a manifest, for distill."""
 
-from bayeskd import cache, data, nets
+from bayeskd import cache, data
 from bayeskd.io import sha256_file
 from bayeskd.validation import DataValidationError, validate_cache
-from common import CACHE, DATA, TEACHER, augmentation, build, fail, params, tensors
+from common import CACHE, DATA, TEACHER, augmentation, fail, load_teacher, params, tensors
 
 REPORT = "reports/cache_validation.json"
 
@@ -11,7 +11,7 @@ REPORT = "reports/cache_validation.json"
 def main() -> None:
     p = params()
     ds = data.load(DATA, ("train",))
-    model = nets.load_weights(build("teacher", p.teacher.net, ds), TEACHER)
+    model = load_teacher(p.teacher.net, ds)
     x, y = tensors(ds, "train")
     c = p.cache
     m = cache.build(model, x, y, CACHE, num_classes=ds.num_classes, augment=augmentation(p), views=c.views,

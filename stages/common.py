@@ -16,10 +16,11 @@ from torch import nn
 import bayeskd
 from bayeskd import config, nets
 from bayeskd.augment import CropFlip
+from bayeskd.batch import EpochHook
 from bayeskd.data import Dataset
 from bayeskd.io import sha256_file
 from bayeskd.tracking import dvclive_epochs, mlflow_run
-from bayeskd.train import EpochHook, distributed
+from bayeskd.train import distributed
 
 DATA = "data/prepared"
 TEACHER = "models/teacher.safetensors"
@@ -48,6 +49,11 @@ def build(role: str, net: str, ds: Dataset) -> nn.Module:
     except (ValueError, RuntimeError) as e:
         fail(f"{role}.net = {net!r} does not fit dataset {ds.name!r} (inputs {ds.in_shape}): {e}", code=2)
     return model.train()
+
+
+def load_teacher(net: str, ds: Dataset) -> nn.Module:
+    """The trained teacher, in eval mode."""
+    return nets.load_weights(build("teacher", net, ds), TEACHER)
 
 
 def augmentation(p: config.Params) -> CropFlip | None:

@@ -2,7 +2,7 @@
 
 from bayeskd import data
 from bayeskd.losses import TEACHER_LOSSES
-from bayeskd.train import fit, seed_everything
+from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
 from common import DATA, TEACHER, augmentation, build, epoch_logging, fingerprint, finish, params, tensors
 
 CHECKPOINT = "checkpoints/teacher.pt"
@@ -19,13 +19,11 @@ def main() -> None:
     def loss_fn(logits, batch, epoch):
         return {t.loss: loss(logits, batch.y, t.label_smoothing)}
 
+    run = fingerprint(t.model_dump(), p.seed, p.data.augment.model_dump(), files=(f"{DATA}/train.npz",))
     with epoch_logging("teacher") as on_epoch:
-        history = fit(model, loss_fn, *tensors(ds, "train"), t.optim, seed=p.seed,
-                      checkpoint=CHECKPOINT, val=tensors(ds, "val"), on_epoch=on_epoch,
-                      augment=augmentation(p),
-                      fingerprint=fingerprint(t.model_dump(), p.seed, p.data.augment.model_dump(),
-                                              files=(f"{DATA}/train.npz",)),
-                      name=f"teacher[{t.loss}]", compiled=p.compute.compile)
+        history = fit(model, loss_fn, TrainSet(*tensors(ds, "train"), augmentation(p)), t.optim, seed=p.seed,
+                      checkpoint=Checkpoint(CHECKPOINT, run), val=tensors(ds, "val"), on_epoch=on_epoch,
+                      compiled=p.compute.compile, name=f"teacher[{t.loss}]")
     finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})")
 
 

@@ -60,14 +60,15 @@ def feature_steps(method: str, steps: int = 30, student_net: str = "cnn_student"
     import torch
 
     from bayeskd import feature, nets
-    from bayeskd.train import Batch
+    from bayeskd.batch import Batch
+    from bayeskd.taps import Extractor
 
     torch.manual_seed(0)
     x, y = torch.rand(n, *in_shape), torch.randint(0, 10, (n,))
     student = nets.build(student_net, 10, in_shape)
     teacher = nets.build(teacher_net, 10, in_shape).eval().requires_grad_(False)
     method = feature.build(method, student, teacher, in_shape, num_samples=n, **hparams)
-    s, t = feature.Extractor(student), feature.Extractor(teacher)
+    s, t = Extractor(student), Extractor(teacher)
     opt = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=lr, momentum=0.9)
     history = []
     for _ in range(steps):

@@ -7,7 +7,7 @@ import torch
 from bayeskd import cache, distill, nets
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
-from bayeskd.train import fit, seed_everything
+from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
 
 AUG = CropFlip(1)  # 18 views of an 8x8 image
 
@@ -48,26 +48,22 @@ def test_every_view_equals_the_online_teacher(tmp_path, setup):
     assert torch.equal(f32.view_table, torch.arange(18).expand(10, 18))
 
 
-def student_losses(x, y, teacher, cached: cache.LogitCache | None, seed=3):
-    """Per-step KD losses of a student, its teacher logits from the cache or from the teacher online."""
+def student_losses(tmp_path, x, y, teacher, cached: cache.LogitCache | None, seed=3):
+    """Per-step KD losses of a student, its teacher logits from the cache or from the teacher online
+    (the teacher then sees the same augmented batch)."""
     seen = []
+    seed_everything(seed)
+    student = nets.build("cnn_student", 10, (1, 8, 8))
+    kd = distill.distiller("kd", student, cache=cached, teacher=None if cached else teacher)
 
     def loss_fn(logits, batch, epoch):
-        if cached is None:
-            with torch.no_grad():
-                t = teacher(batch.x)  # online: the teacher sees the same augmented batch
-        else:
-            t = cached.logits(batch.idx, batch.slots)
-        terms = distill.loss_terms("kd", logits, t, batch.y, epoch)
+        terms = kd.loss_fn(logits, batch, epoch)
         seen.append(sum(terms.values()).item())
         return terms
 
-    seed_everything(seed)
-    student = nets.build("cnn_student", 10, (1, 8, 8))
     cfg = Optim(epochs=3, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, milestones=[2], gamma=0.1)
-    fit(student, loss_fn, x, y, cfg, seed=seed, checkpoint=f"/tmp/bayeskd-test-{id(seen)}.pt",
-        fingerprint=str(id(seen)), augment=AUG,
-        view_table=None if cached is None else cached.view_table)
+    fit(student, loss_fn, TrainSet(x, y, AUG, kd.view_table), cfg, seed=seed,
+        checkpoint=Checkpoint(tmp_path / f"{cached is None}.pt", "kd"))
     return seen, student
 
 
@@ -75,8 +71,8 @@ def test_cached_student_sees_exactly_the_online_supervision(tmp_path, setup):
     teacher, x, y = setup
     build(tmp_path, setup)
     cached = cache.LogitCache(tmp_path, num_samples=10, num_classes=10)
-    online, s_online = student_losses(x, y, teacher, None)
-    offline, s_cached = student_losses(x, y, teacher, cached)
+    online, s_online = student_losses(tmp_path, x, y, teacher, None)
+    offline, s_cached = student_losses(tmp_path, x, y, teacher, cached)
     assert len(online) == len(offline) == 9  # 3 epochs x 3 batches
     np.testing.assert_allclose(offline, online, rtol=1e-4)
     for a, b in zip(s_online.state_dict().values(), s_cached.state_dict().values(), strict=True):

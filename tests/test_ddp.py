@@ -13,7 +13,7 @@ import sys, torch
 from bayeskd import nets
 from bayeskd.config import Optim
 from bayeskd.losses import ce
-from bayeskd.train import distributed, fit, seed_everything
+from bayeskd.train import Checkpoint, TrainSet, distributed, fit, seed_everything
 
 rank, world = distributed()
 seed_everything(0)
@@ -22,8 +22,8 @@ x = torch.randn(512, 8, generator=g)
 y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()
 model = nets.build("mlp_teacher", 3, (8,))
 cfg = Optim(epochs=3, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[2], gamma=0.1)
-history = fit(model, lambda logits, b, e: {"ce": ce(logits, b.y)}, x, y, cfg, seed=0,
-              checkpoint=sys.argv[1] + ".ckpt", fingerprint="ddp-test", name=f"rank{rank}")
+history = fit(model, lambda logits, b, e: {"ce": ce(logits, b.y)}, TrainSet(x, y), cfg, seed=0,
+              checkpoint=Checkpoint(sys.argv[1] + ".ckpt", "ddp-test"), name=f"rank{rank}")
 if rank == 0:
     torch.save({"weights": model.state_dict(), "history": history, "world": world}, sys.argv[1])
 """

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from bayeskd import distill
-from bayeskd.train import Batch
+from bayeskd import config, distill
+from bayeskd.batch import Batch
 
 
 def direct_kd(s, t, y, T, a, b):
@@ -153,18 +153,25 @@ def test_lskd_ignores_shift_and_scale_of_the_logits():
     assert not torch.allclose(*plain_kd)
 
 
-def test_standardisation_composes_with_dkd():
+def test_lsdkd_is_dkd_on_standardised_logits_with_its_own_defaults():
     s, t, y = fixed()
-    plain = distill.logit_loss("dkd", s, t, y, 20)
-    flagged = distill.logit_loss("dkd", s, t, y, 20, standardize_logits=True)
-    moved = distill.logit_loss("dkd", s, 5.0 * t + 1.0, y, 20, standardize_logits=True)
-    assert not torch.allclose(plain, flagged)
-    torch.testing.assert_close(moved, flagged, rtol=1e-6, atol=0)
+    hp = {"temperature": 2.0, "ce_weight": 1.0, "alpha": 9.0, "beta": 72.0, "warmup": 20}
+    assert config.hparams("lsdkd") == hp
+    zs = torch.tensor([standardized(z) for z in s.tolist()], dtype=s.dtype)
+    zt = torch.tensor([standardized(z) for z in t.tolist()], dtype=t.dtype)
+    standardised = distill.loss_terms("dkd", zs, zt, y, 20, **hp)
+    got = distill.loss_terms("lsdkd", s, t, y, 20)
+    torch.testing.assert_close(got["nckd"], standardised["nckd"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["tckd"], standardised["tckd"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["ce"], distill.loss_terms("dkd", s, t, y, 20)["ce"])  # CE on raw logits
+    moved = distill.logit_loss("lsdkd", s, 5.0 * t + 1.0, y, 20)
+    torch.testing.assert_close(moved, sum(got.values()), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", ["pkt", "cc", "rkd", "crd", "at", "sp", "reviewkd"])
 def test_mlps_serve_the_methods_of_pre_logit_vectors_and_refuse_the_others(name):
     from bayeskd import feature, nets
+    from bayeskd.taps import Extractor
 
     student, teacher = nets.build("mlp_student", 3, (30,)), nets.build("mlp_teacher", 3, (30,))
     if feature.METHODS[name].uses_stages:
@@ -173,6 +180,6 @@ def test_mlps_serve_the_methods_of_pre_logit_vectors_and_refuse_the_others(name)
         return
     method = feature.build(name, student, teacher, (30,), 100)
     x, y = torch.randn(8, 30), torch.randint(0, 3, (8,))
-    s, t = feature.Extractor(student), feature.Extractor(teacher)
+    s, t = Extractor(student), Extractor(teacher)
     terms = method(s(x), t(x), Batch(x, y, torch.arange(8)), 1)
     assert s(x).pooled.shape == (8, 16) and all(torch.isfinite(v) for v in terms.values())

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd import feature, nets
+from bayeskd.batch import Batch
 from bayeskd.losses import soft_kl as kl
-from bayeskd.train import Batch
+from bayeskd.taps import Extractor
 from conftest import feature_steps
 
 SHAPE = (1, 8, 8)
@@ -31,7 +32,7 @@ def test_kl_matches_direct_evaluation():
 def test_terms_match_direct_evaluation_on_the_rotations():
     student, teacher, method = pair()
     x, y = torch.rand(4, *SHAPE), torch.tensor([3, 0, 9, 3])
-    s_ex, t_ex = feature.Extractor(student), feature.Extractor(teacher)
+    s_ex, t_ex = Extractor(student), Extractor(teacher)
     s_seen: list[torch.Tensor] = []
 
     def rerun(inputs):
@@ -91,7 +92,7 @@ def test_gradients_reach_the_student_and_both_heads_not_the_teacher():
     student, teacher, method = pair()
     x, y = torch.rand(8, *SHAPE), torch.randint(0, 10, (8,))
     terms = method(
-        feature.Extractor(student)(x), feature.Extractor(teacher)(x), Batch(x, y, torch.arange(8)), 1
+        Extractor(student)(x), Extractor(teacher)(x), Batch(x, y, torch.arange(8)), 1
     )
     terms["hsakd_heads"].backward(retain_graph=True)
     assert student.stage1[0][0].weight.grad.abs().sum() > 0

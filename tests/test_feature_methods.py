@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from bayeskd import feature, nets
-from bayeskd.train import Batch
+from bayeskd import config, feature, nets
+from bayeskd.batch import Batch
+from bayeskd.taps import Extractor
 
 
 @pytest.mark.parametrize("name", sorted(feature.METHODS))
@@ -14,11 +15,11 @@ def test_gradients_reach_the_student_and_the_methods_parts_never_the_teacher(nam
     student = nets.build("cnn_student", 10, (1, 8, 8))
     teacher = nets.build("cnn_teacher", 10, (1, 8, 8)).eval()  # autograd on: detaching must be the method's
     method = feature.build(name, student, teacher, (1, 8, 8), num_samples=8)
-    s, t = feature.Extractor(student)(x), feature.Extractor(teacher)(x)
+    s, t = Extractor(student)(x), Extractor(teacher)(x)
     terms = method(s, t, Batch(x, y, torch.arange(8)), 20)
     assert "ce" in terms and len(terms) > 1
     own = sum(v for k, v in terms.items() if k not in ("ce", "hsakd_teacher"))
     own.backward()
     assert student.stage1[0][0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
-    assert set(feature.METHODS[name].__init__.__kwdefaults__) >= {"weight", "ce_weight"}
+    assert set(config.hparams(name)) >= {"weight", "ce_weight"}

@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from bayeskd.distill import all_methods
+from bayeskd.config import METHODS
 from conftest import run, tiny_params
 
 
@@ -19,7 +19,7 @@ def test_every_method_with_ce_and_mse_teachers_through_dvc_exp_run(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "digits"], project)
     for loss in ("ce", "mse"):
-        for method in all_methods():
+        for method in METHODS:
             run(["dvc", "exp", "run", "distill", "-n", f"{loss}-{method}",
                  "-S", f"teacher.loss={loss}", "-S", f"student.method={method}"], project)
 
@@ -32,7 +32,7 @@ def test_every_method_with_ce_and_mse_teachers_through_dvc_exp_run(project):
         assert (params["teacher"]["loss"], params["student"]["method"]) == (loss, method)
         summary = run(["git", "show", f"{rev['rev']}:dvclive/student/metrics.json"], project).stdout
         results[rev["name"]] = json.loads(summary)
-    assert set(results) == {f"{loss}-{m}" for loss in ("ce", "mse") for m in all_methods()}
+    assert set(results) == {f"{loss}-{m}" for loss in ("ce", "mse") for m in METHODS}
     for name, metrics in results.items():
         assert 0.0 <= metrics["val"]["acc"] <= 1.0 and math.isfinite(metrics["train"]["loss"]), name
     # labels alone do not see the teacher; every other run trained a student of its own

@@ -4,7 +4,8 @@ import torch
 from bayeskd import nets
 from bayeskd.config import Optim
 from bayeskd.losses import ce
-from bayeskd.train import fit, lr_at, seed_everything
+from bayeskd.taps import Extractor
+from bayeskd.train import Checkpoint, TrainSet, fit, lr_at, seed_everything
 
 CFG = Optim(epochs=6, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[2, 4],
             gamma=0.1)
@@ -25,8 +26,8 @@ def train(tmp_path, name="ck.pt", on_epoch=None, fingerprint="a", seed=0):
     seed_everything(seed)
     model = nets.build("mlp_student", 3, (5,))
     x, y = toy()
-    history = fit(model, loss_fn, x, y, CFG, seed=seed, checkpoint=tmp_path / name,
-                  fingerprint=fingerprint, val=(x[:50], y[:50]), on_epoch=on_epoch)
+    history = fit(model, loss_fn, TrainSet(x, y), CFG, seed=seed, checkpoint=Checkpoint(tmp_path / name, fingerprint),
+                  val=(x[:50], y[:50]), on_epoch=on_epoch)
     return model, history
 
 
@@ -86,7 +87,7 @@ def crd_run(tmp_path, epochs: int) -> tuple[dict, dict]:
     student = nets.build("cnn_student", 10, (1, 8, 8))
     teacher = nets.build("cnn_teacher", 10, (1, 8, 8)).eval().requires_grad_(False)
     method = feature.build("crd", student, teacher, (1, 8, 8), len(y), nce_k=16)
-    s, t = feature.Extractor(student), feature.Extractor(teacher)
+    s, t = Extractor(student), Extractor(teacher)
 
     def crd_loss(logits, batch, epoch):
         with torch.no_grad():
@@ -94,7 +95,8 @@ def crd_run(tmp_path, epochs: int) -> tuple[dict, dict]:
         return method(s.last(logits), t_out, batch, epoch + 1)
 
     cfg = CFG.model_copy(update={"epochs": epochs})
-    fit(student, crd_loss, x, y, cfg, seed=0, checkpoint=tmp_path / "crd.pt", fingerprint="crd", extra=method)
+    fit(student, crd_loss, TrainSet(x, y), cfg, seed=0, checkpoint=Checkpoint(tmp_path / "crd.pt", "crd"),
+        extra=method)
     return student.state_dict(), method.state_dict()
 
 
@@ -116,8 +118,8 @@ def test_compiled_training_matches_eager(tmp_path):
         seed_everything(0)
         x, y = torch.randn(128, 30), torch.randint(0, 3, (128,))
         model = nets.build("mlp_student", 3, (30,))
-        history = fit(model, loss_fn, x, y, cfg, seed=0, checkpoint=tmp_path / f"{compiled}.pt",
-                      fingerprint="c", compiled=compiled)
+        history = fit(model, loss_fn, TrainSet(x, y), cfg, seed=0,
+                      checkpoint=Checkpoint(tmp_path / f"{compiled}.pt", "c"), compiled=compiled)
         results.append((model.state_dict(), history))
     (eager, eager_history), (compiled, compiled_history) = results
     for k in eager:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from bayeskd.zoo import ZOO, features
+from bayeskd.taps import features
+from bayeskd.zoo import ZOO
 
 PARAMS_AT_100_CLASSES = {
     "resnet8": 83_892,
@@ -52,20 +53,44 @@ def test_parameter_count_and_logits_shape(name):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
+# (channels, side) of each stage output and the pre-logit width on a 32x32 input, as the reference CIFAR
+# KD code (CRD's RepDistiller, mdistiller) gives them in its feature lists
+THIN = [(16, 32), (32, 16), (64, 8)], 64
+WIDE = [(64, 32), (128, 16), (256, 8)], 256
+STAGES_AT_32_PIXELS = {
+    **{f"resnet{d}": THIN for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": WIDE,
+    "resnet32x4": WIDE,
+    "ResNet18": ([(64, 32), (128, 16), (256, 8), (512, 4)], 512),
+    "ResNet50": ([(256, 32), (512, 16), (1024, 8), (2048, 4)], 2048),
+    **{f"wrn_{d}_{w}": ([(16 * w, 32), (32 * w, 16), (64 * w, 8)], 64 * w) for d in (16, 40) for w in (1, 2)},
+    # the last block runs at 4x4: the reference pools before it only for 64-pixel inputs
+    **{f"vgg{d}": ([(64, 32), (128, 16), (256, 8), (512, 4), (512, 4)], 512) for d in (8, 11, 13, 16, 19)},
+    "MobileNetV2": ([(12, 16), (16, 8), (48, 4), (160, 2)], 1280),
+    "ShuffleV1": ([(240, 16), (480, 8), (960, 4)], 960),
+    "ShuffleV2": ([(116, 16), (232, 8), (464, 4)], 1024),
+}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_features_match_forward_and_leave_no_hooks(name):
+def test_stage_outputs_have_the_reference_shapes_and_taps_leave_no_hooks(name):
     model = build(name, num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-        logits, feats = features(model, x)
-    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
-    assert list(feats) == model.feature_names
-    *stages, pre_logit = model.feature_names
-    assert stages and all(feats[s].dim() == 4 and feats[s].shape[0] == 2 for s in stages)
-    last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    assert feats[pre_logit].shape == (2, last_linear.in_features)
+        f = features(model, x)
+    torch.testing.assert_close(f.logits, expected, rtol=0, atol=0)
+    stages, width = STAGES_AT_32_PIXELS[name]
+    assert [(s.shape[1], s.shape[2], s.shape[3]) for s in f.stages] == [(c, p, p) for c, p in stages]
+    assert f.pooled.shape == (2, width)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_vgg_pools_before_its_last_block_on_64_pixel_inputs_only():
+    big = ZOO["vgg8"](10, (3, 64, 64)).eval()
+    with torch.no_grad():
+        f = features(big, torch.randn(2, 3, 64, 64))
+    assert [s.shape[-1] for s in f.stages] == [64, 32, 16, 8, 4]
 
 
 @pytest.mark.parametrize("in_shape", [(1, 8, 8), (30,), (3, 32)])

@@ -1,9 +1,16 @@
-"""The typed schema of params.yaml: every stage validates the whole file before doing any work."""
+"""The typed schema of params.yaml: every stage validates the whole file before doing any work.
+
+It is also the one list of the names params.yaml may use (datasets, nets, teacher losses,
+distillation methods with their hyperparameters), so params validate without importing torch; the
+registries that implement the names (bayeskd.data, bayeskd.nets, bayeskd.losses, bayeskd.distill)
+are keyed by these lists and checked against them when imported.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,18 +20,38 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 PARAMS_FILE = "params.yaml"
 
+DATASETS = ("gaussian", "digits", "cifar10", "cifar100", "imagefolder")
+TEACHER_LOSSES = ("ce", "mse", "ls")
+EMBEDDED_NETS = ("mlp_teacher", "mlp_student", "cnn_teacher", "cnn_student")
+ZOO_NETS = (  # the standard CIFAR knowledge-distillation zoo (bayeskd.zoo)
+    *(f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)), "resnet8x4", "resnet32x4", "ResNet18", "ResNet50",
+    *(f"wrn_{d}_{w}" for d in (16, 40) for w in (1, 2)), *(f"vgg{d}" for d in (8, 11, 13, 16, 19)),
+    "MobileNetV2", "ShuffleV1", "ShuffleV2",
+)
+NETS = EMBEDDED_NETS + ZOO_NETS
+
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 PositiveInt = Annotated[int, Field(gt=0)]
+NetName = Literal[NETS]
+
+
+def check_registry(kind: str, names: Iterable[str], implemented: Iterable[str]) -> None:
+    """For registries, at import: they must implement exactly the names params.yaml may use."""
+    if set(implemented) != set(names):
+        raise RuntimeError(f"the {kind} registry implements {sorted(implemented)}, but bayeskd.config "
+                           f"lists {sorted(names)}")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict types; floats must be finite (an infinite learning rate is a typo, not a setting)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Gaussian(Section):
@@ -77,7 +104,7 @@ class Images(Section):
 
 
 class Data(Section):
-    name: Literal["gaussian", "digits", "cifar10", "cifar100", "imagefolder"]
+    name: Literal[DATASETS]
     seed: Annotated[int, Field(ge=0)]
     gaussian: Gaussian
     digits: Digits
@@ -111,70 +138,149 @@ class Optim(Section):
         return v
 
 
-def _known_net(name: str) -> str:
-    from bayeskd.nets import NETS
-
-    if name not in NETS:
-        raise ValueError(f"{name!r} is not a known net; expected one of {', '.join(sorted(NETS))}")
-    return name
-
-
 class Teacher(Section):
-    net: str
-    loss: Literal["ce", "mse", "ls"]
+    net: NetName
+    loss: Literal[TEACHER_LOSSES]
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
     optim: Optim
 
-    _net = field_validator("net")(_known_net)
+
+# Each distillation method's hyperparameters with their defaults: params.yaml holds them under
+# `student.<method>`, and the method (bayeskd.distill, bayeskd.feature) takes them as its keyword-only
+# arguments.
+Weight = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
 
 
-class Student(Section):
-    """The student's net, its distillation method, and, under `student.<method>`, any method's
-    hyperparameters (bayeskd.distill.hparams lists each method's names and defaults)."""
+class Hparams(Section):
+    """A method without hyperparameters (`none`); the base of those with some."""
 
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
-    net: str
-    method: str
+
+class KD(Hparams):
+    temperature: Positive = 4.0
+    ce_weight: Weight = 0.1
+    kd_weight: Weight = 0.9
+
+
+class DKD(Hparams):
+    temperature: Positive = 4.0
+    ce_weight: Weight = 1.0
+    alpha: Weight = 1.0
+    beta: Weight = 8.0
+    warmup: PositiveInt = 20
+
+
+class DIST(Hparams):
+    tau: Positive = 4.0
+    ce_weight: Weight = 1.0
+    beta: Weight = 2.0
+    gamma: Weight = 2.0
+
+
+class LSKD(KD):
+    temperature: Positive = 2.0
+    ce_weight: Weight = 0.1
+    kd_weight: Weight = 9.0
+
+
+class LSDKD(DKD):
+    temperature: Positive = 2.0
+    ce_weight: Weight = 1.0
+    alpha: Weight = 9.0
+    beta: Weight = 72.0
+    warmup: PositiveInt = 20
+
+
+class FeatureHparams(Hparams):
+    weight: Weight
+    ce_weight: Weight = 1.0
+
+
+class FitNet(FeatureHparams):
+    weight: Weight = 100.0
+
+
+class AT(FeatureHparams):
+    weight: Weight = 1000.0
+    p: Positive = 2.0
+
+
+class SP(FeatureHparams):
+    weight: Weight = 3000.0
+
+
+class CC(FeatureHparams):
+    weight: Weight = 0.02
+    embed_dim: PositiveInt = 128
+
+
+class VID(FeatureHparams):
+    weight: Weight = 1.0
+    init_pred_var: Positive = 5.0
+    eps: Positive = 1e-5
+
+
+class RKD(FeatureHparams):
+    weight: Weight = 1.0
+    distance_weight: Weight = 25.0
+    angle_weight: Weight = 50.0
+
+
+class PKT(FeatureHparams):
+    weight: Weight = 30000.0
+    eps: Positive = 1e-7
+
+
+class CRD(FeatureHparams):
+    weight: Weight = 0.8
+    feat_dim: PositiveInt = 128
+    nce_k: PositiveInt = 16384
+    nce_t: Positive = 0.07
+    nce_m: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class ReviewKD(FeatureHparams):
+    weight: Weight = 1.0
+    warmup: PositiveInt = 20
+    max_mid_channels: PositiveInt = 512
+
+
+class HSAKD(FeatureHparams):
+    weight: Weight = 1.0
+    joint_weight: Weight = 1.0
+    teacher_weight: Weight = 1.0
+    temperature: Positive = 3.0
+
+
+METHODS: dict[str, type[Hparams]] = {
+    "none": Hparams, "kd": KD, "dkd": DKD, "dist": DIST, "lskd": LSKD, "lsdkd": LSDKD,
+    "fitnet": FitNet, "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT, "crd": CRD,
+    "reviewkd": ReviewKD, "hsakd": HSAKD,
+}
+
+
+def hparams(method: str) -> dict[str, float | int]:
+    """Method `method`'s hyperparameters and their defaults."""
+    return METHODS[method]().model_dump()
+
+
+# student.<method> for every method with hyperparameters, each defaulting to the method's defaults
+_MethodSections = create_model("MethodSections", __base__=Section,
+                               **{name: (hp, hp()) for name, hp in METHODS.items() if hp.model_fields})
+
+
+class Student(_MethodSections):
+    """The student's net, its distillation method, and each method's hyperparameters under
+    `student.<method>` (only the chosen method's are used)."""
+
+    net: NetName
+    method: Literal[tuple(METHODS)]
     optim: Optim
 
-    _net = field_validator("net")(_known_net)
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        from bayeskd.distill import all_methods
-
-        if name not in all_methods():
-            raise ValueError(f"{name!r} is not a known distillation method; expected one of "
-                             f"{', '.join(all_methods())}")
-        return name
-
-    @model_validator(mode="after")
-    def _known_hparams(self) -> Student:
-        from bayeskd.distill import all_methods, hparams
-
-        for method, values in (self.model_extra or {}).items():
-            if method not in all_methods():
-                raise ValueError(f"student.{method}: unknown key; allowed here: net, method, optim, "
-                                 f"and a method's hyperparameters under one of {', '.join(all_methods())}")
-            if not isinstance(values, dict):
-                raise ValueError(f"student.{method} = {values!r}: expected a mapping of {method}'s "
-                                 "hyperparameters to values")
-            defaults = hparams(method)
-            for key, value in values.items():
-                if key not in defaults:
-                    raise ValueError(f"student.{method}.{key} = {value!r}: not a hyperparameter of {method}; "
-                                     f"allowed: {', '.join(defaults) or 'none'}")
-                default = defaults[key]
-                kind, what = ((bool, "true or false") if isinstance(default, bool) else
-                              (int, "an integer") if isinstance(default, int) else ((int, float), "a number"))
-                if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
-                    raise ValueError(f"student.{method}.{key} = {value!r}: expected {what}")
-        return self
-
-    def hparams(self) -> dict[str, float | int | bool]:
-        """The hyperparameters of the chosen method that params.yaml sets."""
-        return dict((self.model_extra or {}).get(self.method, {}))
+    def hparams(self) -> dict[str, float | int]:
+        """The chosen method's hyperparameters."""
+        section = getattr(self, self.method, None)
+        return section.model_dump() if section is not None else {}
 
 
 class Cache(Section):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bayeskd import config
+
 
 def ce(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy, averaged over the batch."""
@@ -28,6 +30,7 @@ def ls(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
 
 
 TEACHER_LOSSES = {"ce": ce, "mse": mse, "ls": ls}
+config.check_registry("teacher loss", config.TEACHER_LOSSES, TEACHER_LOSSES)
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

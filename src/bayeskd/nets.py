@@ -1,5 +1,6 @@
-"""Architectures by name. `NETS` maps each name to a builder `(num_classes, in_shape) -> nn.Module`:
-small MLPs and CNNs for the embedded datasets, and the CIFAR KD model zoo of `bayeskd.zoo`."""
+"""Architectures by name. `NETS` maps each name of `bayeskd.config.NETS` to a builder
+`(num_classes, in_shape) -> nn.Module`: small MLPs and CNNs for the embedded datasets, and the CIFAR
+KD model zoo of `bayeskd.zoo`. Every net declares its feature taps (`bayeskd.taps.Taps`)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ import torch
 from torch import nn
 from torchvision.ops import MLP, Conv2dNormActivation
 
+from bayeskd import config
+from bayeskd.taps import Taps
 from bayeskd.zoo import ZOO
 
 
 def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
-    """A fully connected ReLU net on the flattened input. Its one feature tap is the last hidden layer
-    (the pre-logit vector): it has no stages."""
+    """A fully connected ReLU net on the flattened input. Its one tap is the last hidden layer (the
+    pre-logit vector): it has no stages."""
 
     def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
         in_features = 1
         for d in in_shape:
             in_features *= d
         net = nn.Sequential(nn.Flatten(), MLP(in_features, [*hidden, num_classes]))
-        net.feature_names = [f"1.{len(net[1]) - 3}"]  # the last hidden activation (MLP ends Linear, Dropout)
+        net.taps = Taps((), f"1.{len(net[1]) - 3}")  # the last hidden activation (MLP ends Linear, Dropout)
         return net
 
     return build
@@ -31,7 +34,7 @@ def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
 
 def cnn(widths: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
     """Conv-BN-ReLU stages (a 2x2 max-pool ends the first), global average pool, linear head. The
-    stage outputs and the pooled vector are its feature taps (`feature_names`), as in the zoo."""
+    stage outputs and the pooled vector are its taps, as in the zoo."""
 
     def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
         if len(in_shape) != 3:
@@ -47,7 +50,7 @@ def cnn(widths: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
         layers |= {"pool": nn.AdaptiveAvgPool2d(1), "flatten": nn.Flatten(),
                    "fc": nn.Linear(channels, num_classes)}
         net = nn.Sequential(OrderedDict(layers))
-        net.feature_names = [*(f"stage{i + 1}" for i in range(len(widths))), "flatten"]
+        net.taps = Taps(tuple(f"stage{i + 1}" for i in range(len(widths))), "flatten")
         return net
 
     return build
@@ -61,6 +64,7 @@ EMBEDDED: dict[str, Callable[[int, Sequence[int]], nn.Module]] = {
     "cnn_student": cnn([8, 16]),
 }
 NETS = EMBEDDED | ZOO  # plus the standard CIFAR KD zoo (bayeskd.zoo)
+config.check_registry("net", config.NETS, NETS)
 
 
 class Normalized(nn.Module):
@@ -71,8 +75,8 @@ class Normalized(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        if hasattr(net, "feature_names"):
-            self.feature_names = [f"net.{n}" for n in net.feature_names]
+        if hasattr(net, "taps"):
+            self.taps = net.taps.under("net")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)

@@ -1,27 +1,34 @@
 """The one training loop, used for teachers and students alike.
 
-SGD with momentum and a step schedule. After every epoch the loop writes a checkpoint (weights,
-optimizer state, metric history, and a fingerprint of what is being trained); a rerun with the same
-fingerprint resumes from it. Each epoch draws, from one generator seeded by (seed, epoch), first the
-batch order and then one augmentation view per sample, so a resumed run is bit-identical to an
-uninterrupted one on CPU, and a student reading teacher logits from a cache of all views sees
-exactly the views, hence the supervision, of an online run with the same seed.
+`fit` reads top to bottom: place the model and data (`_Placement`), restore the last checkpoint if
+it belongs to this run, then one `_epoch` after another, each ending in a checkpoint and a log line.
 
-Devices: CUDA when present (data kept on the GPU, bf16 autocast, channels_last for images), else
-the CPU. Several processes: under `torchrun` the same loop runs data-parallel (DDP; gloo on CPUs,
-NCCL on GPUs). Every rank draws the same global batch of `batch_size` samples and takes its own
-contiguous part of it; DDP averages the gradients, so a step equals a single process's step on the
-whole batch and the learning rate stays as it is. (To grow the global batch with more GPUs instead,
-scale the learning rate linearly with it.) On GPUs, batch norm is synchronised across the processes
-(SyncBatchNorm); gloo has no SyncBatchNorm, so CPU processes normalise with their own part.
+SGD with momentum and a step schedule (`make_optimizer`, `lr_at`). After every epoch the loop writes a
+checkpoint (weights, optimizer state, metric history, the RNG state, and a fingerprint of what is
+being trained); a rerun with the same fingerprint resumes from it. Each epoch draws, from one
+generator seeded by (seed, epoch), first the batch order and then one augmentation view per sample,
+so a resumed run is bit-identical to an uninterrupted one on CPU, and a student reading teacher
+logits from a cache of all views sees exactly the views, hence the supervision, of an online run
+with the same seed.
+
+Devices: CUDA when present (data kept on the GPU, bf16 autocast, channels_last for images), else the
+CPU. bf16 autocast and channels_last are arguments (`mixed_precision`, `channels_last`, on by
+default for CUDA only), so their logic also runs, and is tested, on the CPU. The loop waits for the
+device once per epoch: loss terms and accuracy accumulate on the device. Several processes: under
+`torchrun` the same loop runs data-parallel (DDP; gloo on CPUs, NCCL on GPUs). Every rank draws the
+same global batch of `batch_size` samples and takes its own contiguous part of it; DDP averages the
+gradients, so a step equals a single process's step on the whole batch and the learning rate stays
+as it is. On GPUs, batch norm is synchronised across the processes (SyncBatchNorm); gloo has no
+SyncBatchNorm, so CPU processes normalise with their own part.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,22 +40,31 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bayeskd.augment import CropFlip
+from bayeskd.batch import Batch, EpochHook, LossFn
 from bayeskd.config import Optim
 from bayeskd.io import atomic_path
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says what to change."""
+
+
 @dataclass
-class Batch:
-    x: Tensor  # inputs, augmented when training with views
+class TrainSet:
+    """The training samples as the loop sees them: inputs, labels and, with `augment`, one view per
+    sample per epoch, drawn uniformly from the view space or, with `view_table` (samples x slots of
+    view ids, as a logit cache holds them), a slot drawn uniformly and the view it names."""
+
+    x: Tensor
     y: Tensor
-    idx: Tensor  # sample indices into the training set
-    slots: Tensor | None = None  # per sample: the column of `view_table` drawn
-    views: Tensor | None = None  # per sample: the view id applied to x
+    augment: CropFlip | None = None
+    view_table: Tensor | None = None
 
-
-# loss_fn(logits, batch, epoch) -> named loss terms, summed for the gradient
-LossFn = Callable[[Tensor, Batch, int], dict[str, Tensor]]
-EpochHook = Callable[[int, dict[str, float]], None]
+    @property
+    def slots(self) -> int | None:
+        if self.augment is None:
+            return None
+        return self.augment.num_views if self.view_table is None else self.view_table.shape[1]
 
 
 def seed_everything(seed: int) -> None:
@@ -73,12 +89,8 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _on_device(x: Tensor, device: torch.device) -> Tensor:
-    """The training inputs on the GPU when they fit in half its free memory, else in pinned memory."""
-    if device.type != "cuda":
-        return x
-    free, _ = torch.cuda.mem_get_info(device)
-    return x.to(device) if x.nbytes < free // 2 else x.pin_memory()
+def make_optimizer(params: Iterable[nn.Parameter], cfg: Optim) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_at(cfg: Optim, epoch: int) -> float:
@@ -102,78 +114,164 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
                       for i in range(0, len(x), batch_size)])
 
 
-def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    if not path.exists():
-        return None
-    ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    if ckpt.get("fingerprint") != fingerprint:
-        print(f"checkpoint {path} belongs to other parameters or inputs; starting afresh", flush=True)
-        return None
-    return ckpt
+class Checkpoint:
+    """The training state after the last finished epoch, at `path`, for the run named by
+    `fingerprint` only. Loaded with weights_only=True; an unreadable file is moved aside."""
+
+    KEYS = {"fingerprint", "model", "extra", "optimizer", "rng", "history"}
+
+    def __init__(self, path: str | Path, fingerprint: str):
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+            if not (isinstance(state, dict) and self.KEYS <= state.keys()):
+                raise ValueError("not a training checkpoint")
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            os.replace(self.path, aside)
+            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            print(f"warning: checkpoint {self.path} is unreadable ({reason}); moved to {aside}, "
+                  "training starts afresh", flush=True)
+            return None
+        if state["fingerprint"] != self.fingerprint:
+            print(f"checkpoint {self.path} belongs to other parameters or inputs; starting afresh",
+                  flush=True)
+            return None
+        return state
+
+    def save(self, **state: object) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+
+
+@dataclass
+class _Placement:
+    """The model on its device, wrapped for DDP and torch.compile as asked; the training data where
+    the steps read it; the autocast context of the forward pass."""
+
+    net: nn.Module
+    device: torch.device
+    x: Tensor
+    y: Tensor
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+    @classmethod
+    def of(cls, model: nn.Module, extra: nn.Module, data: TrainSet, world: int, compiled: bool,
+           mixed_precision: bool | None, channels_last: bool | None) -> _Placement:
+        device = default_device()
+        cuda = device.type == "cuda"
+        mixed_precision = cuda if mixed_precision is None else mixed_precision
+        channels_last = (cuda if channels_last is None else channels_last) and data.x.dim() == 4
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        extra.to(device)
+        x = data.x
+        if cuda:  # on the GPU when it fits in half its free memory, else pinned for fast copies
+            x = x.to(device) if x.nbytes < torch.cuda.mem_get_info(device)[0] // 2 else x.pin_memory()
+        if world > 1 and cuda:  # batch-norm statistics of the global batch, as one process has them
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the root (no net is a bare BN)
+        net = model
+        if world > 1:
+            net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        net = torch.compile(net) if compiled else net
+
+        def autocast() -> contextlib.AbstractContextManager:
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision)
+
+        return cls(net, device, x, data.y.to(x.device), autocast)
+
+
+def _epoch(place: _Placement, loss_fn: LossFn, opt: torch.optim.Optimizer, extra: nn.Module,
+           data: TrainSet, order: Tensor, drawn: Tensor | None, batch_size: int, epoch: int,
+           rank: int, world: int, progress) -> dict[str, float]:
+    """One pass over the training set in `order`; the summed loss terms and the correct count. The
+    sums stay on the device: the host waits for the device once, at the end."""
+    device = place.device
+    sums: dict[str, Tensor] = {}
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for step in order.split(batch_size):
+        idx = step.tensor_split(world)[rank]  # this rank's part of the global batch
+        on = idx.to(place.x.device)
+        batch = Batch(place.x[on].to(device, non_blocking=True), place.y[on].to(device), idx)
+        if data.augment is not None:
+            batch.slots = drawn[idx]
+            batch.views = batch.slots if data.view_table is None else data.view_table[idx, batch.slots]
+            batch.x = data.augment.apply(batch.x, batch.views)
+        with place.autocast():
+            logits = place.net(batch.x)
+            terms = loss_fn(logits, batch, epoch)
+            loss = sum(terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:  # DDP averages the model's gradients; the extra parts' the same way
+            for p in extra.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        opt.step()
+        for k, v in (terms | {"loss": loss}).items():
+            sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
+        correct += (logits.argmax(1) == batch.y).sum()
+        progress.update(1)
+    totals = torch.stack([*sums.values(), correct.double()])
+    if world > 1:  # epoch totals over all ranks
+        dist.all_reduce(totals)
+    *values, right = totals.tolist()  # the epoch's one wait for the device
+    return dict(zip(sums, values, strict=True)) | {"correct": right}
 
 
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
-    x: Tensor,
-    y: Tensor,
+    data: TrainSet,
     cfg: Optim,
     *,
     seed: int,
-    checkpoint: str | Path,
-    fingerprint: str,
+    checkpoint: Checkpoint,
     val: tuple[Tensor, Tensor] | None = None,
     on_epoch: EpochHook | None = None,
-    name: str = "model",
-    augment: CropFlip | None = None,
-    view_table: Tensor | None = None,
     extra: nn.Module | None = None,
     compiled: bool = False,
+    mixed_precision: bool | None = None,
+    channels_last: bool | None = None,
+    name: str = "model",
 ) -> list[dict[str, float]]:
     """Train `model` in place for cfg.epochs epochs; return the per-epoch metrics.
 
-    With `augment`, every sample is seen in one view per epoch: a view id drawn uniformly, or, with
-    `view_table` (samples x slots of view ids, as a logit cache holds them), a slot drawn uniformly
-    and the view id it names.
-
     `extra` holds trainable parts that belong to the loss (a distillation method's connectors, heads,
     memory banks): they train with the model and are checkpointed with it, but are not the model.
-
-    `compiled` runs the training forward through torch.compile (the first steps pay for compiling).
+    `compiled` runs the training forward through torch.compile. `mixed_precision` (bf16 autocast)
+    and `channels_last` default to on for CUDA and off for the CPU.
 
     `on_epoch(epoch, metrics)` is called once per epoch in order, also for the epochs restored
     from a checkpoint, so a logger sees the same sequence whether or not the run was resumed.
     """
-    checkpoint = Path(checkpoint)
+    from tqdm import tqdm
+
     rank, world = distributed()
-    device = default_device()
-    cuda = device.type == "cuda"
-    model.to(device, memory_format=torch.channels_last if cuda and x.dim() == 4 else torch.preserve_format)
-    x, y = _on_device(x, device), y.to(x.device if cuda else "cpu")
-    if world > 1 and cuda:  # batch-norm statistics of the global batch, as one process would have them
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the root (no net is a bare BN)
-    net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    net = torch.compile(net) if compiled else net
-    extra = (extra or nn.Module()).to(device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    opt = torch.optim.SGD([*model.parameters(), *extra.parameters()], lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    extra = extra or nn.Module()
+    place = _Placement.of(model, extra, data, world, compiled, mixed_precision, channels_last)
+    opt = make_optimizer([*model.parameters(), *extra.parameters()], cfg)
     history: list[dict[str, float]] = []
-    ckpt = _load_checkpoint(checkpoint, fingerprint)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        extra.load_state_dict(ckpt["extra"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        history = list(ckpt["history"])
+    state = checkpoint.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        extra.load_state_dict(state["extra"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        history = list(state["history"])
         if rank == 0:
-            print(f"{name}: resuming after epoch {len(history)}/{cfg.epochs} from {checkpoint}", flush=True)
+            print(f"{name}: resuming after epoch {len(history)}/{cfg.epochs} from {checkpoint.path}",
+                  flush=True)
     for epoch, metrics in enumerate(history):
         if on_epoch and rank == 0:
             on_epoch(epoch, metrics)
 
-    n = len(y)
-    slots = None if augment is None else (augment.num_views if view_table is None else view_table.shape[1])
+    n = len(data.y)
+    steps = -(-n // cfg.batch_size)
     for epoch in range(len(history), cfg.epochs):
         start = time.perf_counter()
         lr = lr_at(cfg, epoch)
@@ -181,39 +279,16 @@ def fit(
             group["lr"] = lr
         model.train()
         extra.train()
-        sums: dict[str, float] = {}
-        correct = 0
-        order, drawn = epoch_draws(n, seed, epoch, slots)
-        for step in order.split(cfg.batch_size):
-            idx = step.tensor_split(world)[rank]  # this rank's part of the global batch
-            on = idx.to(x.device)
-            batch = Batch(x[on].to(device, non_blocking=True), y[on].to(device), idx)
-            if augment is not None:
-                batch.slots = drawn[idx]
-                batch.views = batch.slots if view_table is None else view_table[idx, batch.slots]
-                batch.x = augment.apply(batch.x, batch.views)
-            with autocast():
-                logits = net(batch.x)
-                terms = loss_fn(logits, batch, epoch)
-                loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # DDP averages the model's gradients; the extra parts' the same way
-                for p in extra.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-            opt.step()
-            for k, v in (terms | {"loss": loss}).items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
-            correct += (logits.argmax(1) == batch.y).sum().item()
-        if world > 1:  # epoch totals over all ranks
-            totals = torch.tensor([*sums.values(), correct], dtype=torch.float64)
-            dist.all_reduce(totals)
-            sums, correct = dict(zip(sums, totals[:-1].tolist(), strict=True)), int(totals[-1])
+        order, drawn = epoch_draws(n, seed, epoch, data.slots)
+        # a bar on a terminal only (disable=None); logs get the one line per epoch below
+        with tqdm(total=steps, desc=f"{name} epoch {epoch + 1}", unit="step", leave=False,
+                  disable=None if rank == 0 else True) as progress:
+            sums = _epoch(place, loss_fn, opt, extra, data, order, drawn, cfg.batch_size, epoch, rank, world,
+                          progress)
+        correct = sums.pop("correct")
         if not all(np.isfinite(v) for v in sums.values()):
-            raise FloatingPointError(f"{name}: the loss became non-finite in epoch {epoch + 1}; "
-                                     f"lower the learning rate (now {lr})")
+            raise TrainingError(f"{name}: the loss became non-finite in epoch {epoch + 1} (learning rate "
+                                f"{lr:g}); lower the learning rate")
         metrics = {f"train/{k}": v / n for k, v in sums.items()} | {"train/acc": correct / n, "lr": lr}
         if val is not None:
             val_logits = predict(model, val[0])
@@ -221,10 +296,8 @@ def fit(
             metrics["val/nll"] = F.cross_entropy(val_logits, val[1]).item()
         history.append(metrics)
         if rank == 0:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                            "extra": extra.state_dict(), "optimizer": opt.state_dict(),
-                            "rng": torch.get_rng_state(), "history": history}, tmp)
+            checkpoint.save(model=model.state_dict(), extra=extra.state_dict(), optimizer=opt.state_dict(),
+                            rng=torch.get_rng_state(), history=history)
             if on_epoch:
                 on_epoch(epoch, metrics)
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())

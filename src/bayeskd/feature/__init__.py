@@ -8,19 +8,28 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bayeskd.feature.base import Extractor, FeatureMethod, Features, paired
+from bayeskd import config
+from bayeskd.feature.base import FeatureMethod, paired
 from bayeskd.feature.crd import CRD
 from bayeskd.feature.hints import AT, VID, FitNet
 from bayeskd.feature.hsakd import HSAKD
 from bayeskd.feature.relations import CC, PKT, RKD, SP
 from bayeskd.feature.reviewkd import ReviewKD
+from bayeskd.taps import Extractor, Features
 
 METHODS: dict[str, type[FeatureMethod]] = {
     "fitnet": FitNet, "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT,
     "crd": CRD, "reviewkd": ReviewKD, "hsakd": HSAKD,
 }
 
-__all__ = ["METHODS", "Extractor", "FeatureMethod", "Features", "build", "paired"]
+__all__ = ["METHODS", "FeatureMethod", "build", "create", "paired"]
+
+
+def create(name: str, student: Features, teacher: Features, num_samples: int,
+           **hparams: float) -> FeatureMethod:
+    """Method `name` sized for these probe features, with its params.yaml defaults (bayeskd.config)
+    unless `hparams` overrides them."""
+    return METHODS[name](student, teacher, num_samples, **(config.hparams(name) | hparams))
 
 
 def build(name: str, student: nn.Module, teacher: nn.Module, in_shape: Sequence[int], num_samples: int,
@@ -39,9 +48,8 @@ def build(name: str, student: nn.Module, teacher: nn.Module, in_shape: Sequence[
             t.remove()
     student.train(modes[0])
     teacher.train(modes[1])
-    method = METHODS[name]
-    for role, probe in (("student", s_probe), ("teacher", t_probe)):
-        if method.uses_stages and not probe.stages:
+    for role, features in (("student", s_probe), ("teacher", t_probe)):
+        if METHODS[name].uses_stages and not features.stages:
             raise ValueError(f"{name} matches stage feature maps and the {role} has none (only a pre-logit "
                              "vector); use nets with stages (the zoo, cnn_teacher, cnn_student)")
-    return method(s_probe, t_probe, num_samples, **hparams)
+    return create(name, s_probe, t_probe, num_samples, **hparams)

@@ -1,48 +1,16 @@
-"""What every feature-based method shares: the features of one forward pass, and the method base."""
+"""What every feature-based method shares: the method base, stage pairing, float32 relations."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayeskd.train import Batch
-from bayeskd.zoo import Tap
-
-
-@dataclass
-class Features:
-    """One forward pass of a net: its logits, its stage outputs (N x C x H x W, shallow to deep; the
-    taps named stage*), and the pre-logit vector (N x D; the last tap)."""
-
-    logits: Tensor
-    stages: list[Tensor]
-    pooled: Tensor
-    rerun: Callable[[Tensor], Features] | None = None  # the same net on other inputs
-
-
-class Extractor:
-    """Reads the features of `model`'s forward passes through forward hooks on its taps."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.tap = Tap(model)
-
-    def last(self, logits: Tensor) -> Features:
-        """The features of the forward pass that returned `logits` (the model's latest)."""
-        outputs = self.tap.read()
-        stages = [v for k, v in outputs.items() if k.rsplit(".", 1)[-1].startswith("stage")]
-        return Features(logits, stages, outputs[self.tap.names[-1]], rerun=self)
-
-    def __call__(self, x: Tensor) -> Features:
-        return self.last(self.model(x))
-
-    def remove(self) -> None:
-        self.tap.remove()
+from bayeskd.batch import Batch
+from bayeskd.taps import Features
 
 
 def paired(student: list[Tensor], teacher: list[Tensor]) -> list[tuple[Tensor, Tensor]]:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayeskd.batch import Batch
 from bayeskd.feature.base import FeatureMethod, Features, in_float32
-from bayeskd.train import Batch
 
 
 class MemoryBank(nn.Module):
@@ -57,9 +57,9 @@ class CRD(FeatureMethod):
     single_process = True  # memory banks per sample
     uses_stages = False
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 0.8,
-                 ce_weight: float = 1.0, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 nce_m: float = 0.5):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, feat_dim: int, nce_k: int, nce_t: float,
+                 nce_m: float):
         super().__init__(ce_weight)
         if num_samples < 2:
             raise ValueError(f"CRD needs at least 2 training samples for negatives; got {num_samples}")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayeskd.batch import Batch
 from bayeskd.feature.base import FeatureMethod, Features, paired
-from bayeskd.train import Batch
 
 
 def same_size(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -27,8 +27,8 @@ class FitNet(FeatureMethod):
     """FitNets: hints for thin deep nets (Romero et al., ICLR 2015):
     weight * mean((r(f_s) - f_t)^2) on the middle stage pair, r a 1x1 conv + batch norm."""
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 100.0,
-                 ce_weight: float = 1.0):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float):
         super().__init__(ce_weight)
         self.weight = weight
         pairs = paired(student.stages, teacher.stages)
@@ -52,8 +52,8 @@ class AT(FeatureMethod):
     """Attention transfer (Zagoruyko and Komodakis, ICLR 2017): weight * sum over stage pairs of
     mean((Q_s - Q_t)^2), Q = vec(mean_c |f|^p) / ||vec(mean_c |f|^p)||_2."""
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1000.0,
-                 ce_weight: float = 1.0, p: float = 2.0):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, p: float):
         super().__init__(ce_weight)
         self.weight = weight
         self.p = p
@@ -71,8 +71,8 @@ class VID(FeatureMethod):
     negative log-likelihood mean(log(sigma_c^2) / 2 + (f_t - mu(f_s))^2 / (2 sigma_c^2)), summed over
     pairs, times weight; mu a 1x1-conv regressor, sigma_c^2 = softplus(alpha_c) + eps."""
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
-                 ce_weight: float = 1.0, init_pred_var: float = 5.0, eps: float = 1e-5):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, init_pred_var: float, eps: float):
         super().__init__(ce_weight)
         self.weight = weight
         self.eps = eps

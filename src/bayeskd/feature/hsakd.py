@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
+from bayeskd.batch import Batch
 from bayeskd.feature.base import FeatureMethod, Features, paired
 from bayeskd.losses import soft_kl as kl
-from bayeskd.train import Batch
 
 ROTATIONS = 4
 
@@ -57,9 +57,9 @@ class HSAKD(FeatureMethod):
 
     single_process = True  # reruns the student outside DDP
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
-                 ce_weight: float = 1.0, joint_weight: float = 1.0, teacher_weight: float = 1.0,
-                 temperature: float = 3.0):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, joint_weight: float, teacher_weight: float,
+                 temperature: float):
         super().__init__(ce_weight)
         _square(student, "student")
         _square(teacher, "teacher")

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayeskd.batch import Batch
 from bayeskd.feature.base import FeatureMethod, Features, in_float32
-from bayeskd.train import Batch
 
 
 class PKT(FeatureMethod):
@@ -17,8 +17,8 @@ class PKT(FeatureMethod):
 
     uses_stages = False
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 30000.0,
-                 ce_weight: float = 1.0, eps: float = 1e-7):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, eps: float):
         super().__init__(ce_weight)
         self.weight = weight
         self.eps = eps
@@ -45,8 +45,8 @@ class SP(FeatureMethod):
     """Similarity-preserving KD (Tung and Mori, ICCV 2019): on the deepest stages,
     weight * ||G_s - G_t||_F^2 / b^2, G = row-L2-normalised batch Gram matrix of the flattened maps."""
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 3000.0,
-                 ce_weight: float = 1.0):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float):
         super().__init__(ce_weight)
         self.weight = weight
 
@@ -66,8 +66,8 @@ class CC(FeatureMethod):
 
     uses_stages = False
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 0.02,
-                 ce_weight: float = 1.0, embed_dim: int = 128):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, embed_dim: int):
         super().__init__(ce_weight)
         self.weight = weight
         self.embed_s = nn.Linear(student.pooled.shape[1], int(embed_dim))
@@ -102,8 +102,8 @@ class RKD(FeatureMethod):
 
     uses_stages = False
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
-                 ce_weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, distance_weight: float, angle_weight: float):
         super().__init__(ce_weight)
         self.weight = weight
         self.distance_weight = distance_weight

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayeskd.batch import Batch
 from bayeskd.feature.base import FeatureMethod, Features, paired
-from bayeskd.train import Batch
 
 HCL_LEVELS = (4, 2, 1)
 
@@ -71,8 +71,8 @@ class ReviewKD(FeatureMethod):
     code takes the teacher's pre-activation features. The reference scripts tune the weight per pair
     (0.6 to 8); the default here is 1."""
 
-    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float = 1.0,
-                 ce_weight: float = 1.0, warmup: int = 20, max_mid_channels: int = 512):
+    def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
+                 ce_weight: float, warmup: int, max_mid_channels: int):
         super().__init__(ce_weight)
         self.weight = weight
         self.warmup = warmup

@@ -7,6 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from bayeskd.taps import Taps
+
 
 def conv_bn(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1,
             relu: bool = True) -> nn.Sequential:
@@ -26,21 +28,21 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class ZooNet(nn.Sequential):
-    """A network run as a chain of named parts: the body parts, then `pool` (global average),
-    `flatten` (the pre-logit vector) and `fc` (the logits).
+    """A network run as a chain of named parts: `stem` (if any), `stage1` ... `stageN`, `head` (if
+    any), then `pool` (global average), `flatten` (the pre-logit vector) and `fc` (the logits).
+    Its taps are the stage outputs and the pre-logit vector."""
 
-    `feature_names` lists the parts whose outputs are the intermediate features for feature-based
-    distillation: every body part (stem, stages, ...) in order, then `flatten`.
-    """
-
-    def __init__(self, body: dict[str, nn.Module], width: int, num_classes: int):
+    def __init__(self, stem: nn.Module | None, stages: list[nn.Module], head: nn.Module | None, width: int,
+                 num_classes: int):
+        names = [f"stage{i}" for i in range(1, len(stages) + 1)]
+        parts = [("stem", stem), *zip(names, stages, strict=True), ("head", head)]
         super().__init__(OrderedDict([
-            *body.items(),
+            *((name, part) for name, part in parts if part is not None),
             ("pool", nn.AdaptiveAvgPool2d(1)),
             ("flatten", nn.Flatten()),
             ("fc", nn.Linear(width, num_classes)),
         ]))
-        self.feature_names: list[str] = [*body, "flatten"]
+        self.taps = Taps(tuple(names), "flatten")
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -38,17 +38,17 @@ class InvertedResidual(nn.Module):
 
 
 def mobilenet_v2(num_classes: int, width_mult: float = 0.5) -> ZooNet:
-    """Features: the stem, the four stages, the 1x1 `head` conv and the pre-logit vector."""
+    """Taps: the four stages and the pre-logit vector (after the 1x1 `head` conv)."""
     in_ch = int(32 * width_mult)
-    body: dict[str, nn.Module] = {"stem": conv_bn(3, in_ch, 3, stride=2)}
-    for i, groups in enumerate(STAGES, start=1):
+    stem = conv_bn(3, in_ch, 3, stride=2)
+    stages = []
+    for groups in STAGES:
         blocks = []
         for expansion, channels, count, stride in groups:
             out_ch = int(channels * width_mult)
             for j in range(count):
                 blocks.append(InvertedResidual(in_ch, out_ch, stride if j == 0 else 1, expansion))
                 in_ch = out_ch
-        body[f"stage{i}"] = nn.Sequential(*blocks)
+        stages.append(nn.Sequential(*blocks))
     head_width = int(HEAD_WIDTH * width_mult) if width_mult > 1 else HEAD_WIDTH
-    body["head"] = conv_bn(in_ch, head_width, 1)
-    return ZooNet(body, head_width, num_classes)
+    return ZooNet(stem, stages, conv_bn(in_ch, head_width, 1), head_width, num_classes)

@@ -55,15 +55,15 @@ def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
 
 def _resnet(stem_width: int, block: type[BasicBlock | Bottleneck], widths: Sequence[int],
             depths: Sequence[int], strides: Sequence[int], num_classes: int) -> ZooNet:
-    body: dict[str, nn.Module] = {"stem": conv_bn(3, stem_width, 3)}
+    stages = []
     in_ch = stem_width
-    for i, (width, depth, stride) in enumerate(zip(widths, depths, strides, strict=True), start=1):
+    for width, depth, stride in zip(widths, depths, strides, strict=True):
         blocks = []
         for j in range(depth):
             blocks.append(block(in_ch, width, stride if j == 0 else 1))
             in_ch = width * block.expansion
-        body[f"stage{i}"] = nn.Sequential(*blocks)
-    return ZooNet(body, in_ch, num_classes)
+        stages.append(nn.Sequential(*blocks))
+    return ZooNet(conv_bn(3, stem_width, 3), stages, None, in_ch, num_classes)
 
 
 def cifar_resnet(depth: int, widths: Sequence[int], num_classes: int) -> ZooNet:

@@ -39,16 +39,16 @@ class ShuffleV1Block(nn.Module):
 def shufflenet_v1(num_classes: int, widths: Sequence[int] = (240, 480, 960),
                   depths: Sequence[int] = (4, 8, 4), groups: int = 3) -> ZooNet:
     """The first 1x1 conv of the very first block is not grouped (the 24-channel stem is too narrow)."""
-    body: dict[str, nn.Module] = {"stem": conv_bn(3, 24, 1)}
+    stages = []
     in_ch = 24
-    for i, (width, depth) in enumerate(zip(widths, depths, strict=True), start=1):
+    for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
         blocks = []
         for j in range(depth):
-            first_groups = 1 if i == 1 and j == 0 else groups
+            first_groups = 1 if i == 0 and j == 0 else groups
             blocks.append(ShuffleV1Block(in_ch, width, 2 if j == 0 else 1, groups, first_groups))
             in_ch = width
-        body[f"stage{i}"] = nn.Sequential(*blocks)
-    return ZooNet(body, in_ch, num_classes)
+        stages.append(nn.Sequential(*blocks))
+    return ZooNet(conv_bn(3, 24, 1), stages, None, in_ch, num_classes)
 
 
 class ShuffleV2Block(nn.Module):
@@ -93,13 +93,12 @@ class ShuffleV2DownBlock(nn.Module):
 def shufflenet_v2(num_classes: int, widths: Sequence[int] = (116, 232, 464),
                   depths: Sequence[int] = (3, 7, 3),
                   head_width: int = 1024) -> ZooNet:
-    """Each stage is a down-sampling block followed by `depth` basic blocks. Features: the stem, the
-    three stages, the 1x1 `head` conv and the pre-logit vector."""
-    body: dict[str, nn.Module] = {"stem": conv_bn(3, 24, 1)}
+    """Each stage is a down-sampling block followed by `depth` basic blocks. Taps: the three stages
+    and the pre-logit vector (after the 1x1 `head` conv)."""
+    stages = []
     in_ch = 24
-    for i, (width, depth) in enumerate(zip(widths, depths, strict=True), start=1):
+    for width, depth in zip(widths, depths, strict=True):
         blocks = [ShuffleV2DownBlock(in_ch, width), *(ShuffleV2Block(width) for _ in range(depth))]
-        body[f"stage{i}"] = nn.Sequential(*blocks)
+        stages.append(nn.Sequential(*blocks))
         in_ch = width
-    body["head"] = conv_bn(in_ch, head_width, 1)
-    return ZooNet(body, head_width, num_classes)
+    return ZooNet(conv_bn(3, 24, 1), stages, conv_bn(in_ch, head_width, 1), head_width, num_classes)

@@ -1,5 +1,7 @@
-"""VGG with batch norm for 32x32 inputs: five stages of 3x3 conv-BN-ReLU layers, a 2x2 max-pool
-before each stage after the first, global average pooling and a single Linear(512, num_classes)."""
+"""VGG with batch norm for CIFAR: five stages of 3x3 conv-BN-ReLU layers, global average pooling and
+a single Linear(512, num_classes). A 2x2 max-pool starts stages 2 to 4, so on 32x32 inputs the
+stages run at 32, 16, 8, 4 and 4 pixels; only 64-pixel inputs are pooled before stage 5 as well, as in
+the reference CIFAR knowledge-distillation code."""
 
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ def _stage(in_ch: int, widths: Sequence[int], pool_first: bool) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-def vgg(depth: int, num_classes: int) -> ZooNet:
-    """`vgg{depth}` (8, 11, 13, 16 or 19 weight layers). Features: each stage's output, taken
-    before the max-pool that starts the next stage, and the pre-logit vector."""
-    body: dict[str, nn.Module] = {}
+def vgg(depth: int, num_classes: int, image_size: int = 32) -> ZooNet:
+    """`vgg{depth}` (8, 11, 13, 16 or 19 weight layers). Taps: each stage's output, taken before the
+    max-pool that starts the next stage, and the pre-logit vector."""
+    stages = []
     in_ch = 3
     for i, widths in enumerate(STAGE_WIDTHS[depth], start=1):
-        body[f"stage{i}"] = _stage(in_ch, widths, pool_first=i > 1)
+        stages.append(_stage(in_ch, widths, pool_first=1 < i < 5 or (i == 5 and image_size == 64)))
         in_ch = widths[-1]
-    return ZooNet(body, in_ch, num_classes)
+    return ZooNet(None, stages, None, in_ch, num_classes)

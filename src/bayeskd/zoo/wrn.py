@@ -38,17 +38,15 @@ class PreActBlock(nn.Module):
 
 
 def wide_resnet(depth: int, widen: int, num_classes: int) -> ZooNet:
-    """Features: the stem, the three stages' (pre-activation) outputs, and `head`, the final
-    BN-ReLU of the last stage, before the pre-logit vector."""
+    """Taps: the three stages' (pre-activation) outputs; `head` is the final BN-ReLU before pooling."""
     if (depth - 4) % 6:
         raise ValueError(f"a wide resnet needs depth 6n + 4; got {depth}")
     n = (depth - 4) // 6
-    body: dict[str, nn.Module] = {"stem": _conv3x3(3, 16)}
+    stages = []
     in_ch = 16
-    for i, (width, stride) in enumerate([(16, 1), (32, 2), (64, 2)], start=1):
+    for width, stride in [(16, 1), (32, 2), (64, 2)]:
         out_ch = width * widen
         blocks = [PreActBlock(in_ch if j == 0 else out_ch, out_ch, stride if j == 0 else 1) for j in range(n)]
-        body[f"stage{i}"] = nn.Sequential(*blocks)
+        stages.append(nn.Sequential(*blocks))
         in_ch = out_ch
-    body["head"] = _bn_relu(in_ch)
-    return ZooNet(body, in_ch, num_classes)
+    return ZooNet(_conv3x3(3, 16), stages, _bn_relu(in_ch), in_ch, num_classes)
