@@ -55,26 +55,24 @@ def feature_steps(method: str, steps: int = 30, student_net: str = "cnn_student"
                   teacher_net: str = "cnn_teacher", in_shape: tuple[int, ...] = (1, 8, 8), n: int = 64,
                   lr: float = 0.01,
                   **hparams) -> list[dict[str, float]]:
-    """Full-batch SGD steps of feature method `method` on random data with a random (fixed) teacher:
-    the named loss terms of every step. The method's own parts train with the student."""
+    """Full-batch SGD steps of feature method `method` (built by bayeskd.distill.distiller, as the
+    stage builds it) on random data with a random (fixed) teacher: the named loss terms of every step,
+    in the method's first epoch. The method's own parts train with the student."""
     import torch
 
-    from bayeskd import feature, nets
+    from bayeskd import distill, nets
     from bayeskd.batch import Batch
-    from bayeskd.taps import Extractor
 
     torch.manual_seed(0)
     x, y = torch.rand(n, *in_shape), torch.randint(0, 10, (n,))
     student = nets.build(student_net, 10, in_shape)
-    teacher = nets.build(teacher_net, 10, in_shape).eval().requires_grad_(False)
-    method = feature.build(method, student, teacher, in_shape, num_samples=n, **hparams)
-    s, t = Extractor(student), Extractor(teacher)
-    opt = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=lr, momentum=0.9)
+    teacher = nets.build(teacher_net, 10, in_shape)
+    method = distill.distiller(method, student, hparams=hparams, teacher=teacher, in_shape=in_shape,
+                               num_samples=n)
+    opt = torch.optim.SGD([*student.parameters(), *method.extra.parameters()], lr=lr, momentum=0.9)
     history = []
     for _ in range(steps):
-        with torch.no_grad():
-            t_out = t(x)
-        terms = method(s(x), t_out, Batch(x, y, torch.arange(n)), epoch=1)
+        terms = method.loss_fn(student(x), Batch(x, y, torch.arange(n)), 0)
         opt.zero_grad()
         sum(terms.values()).backward()
         opt.step()

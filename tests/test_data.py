@@ -116,3 +116,9 @@ def test_validation_failure_is_summarised(small_gaussian, tmp_path, what):
     assert what in str(e.value)
     assert len(str(e.value).splitlines()) <= 3  # short: one line per failed expectation
     assert json.loads((tmp_path / "v.json").read_text())["success"] is False
+
+
+def test_make_refuses_a_dataset_it_does_not_know():
+    cfg = config.load(ROOT / "params.yaml").data.model_copy(update={"name": "mnist"})  # past the schema
+    with pytest.raises(data.DataError, match="data.name = 'mnist': no such dataset; expected one of gauss"):
+        data.make(cfg)

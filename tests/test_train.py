@@ -4,7 +4,6 @@ import torch
 from bayeskd import nets
 from bayeskd.config import Optim
 from bayeskd.losses import ce
-from bayeskd.taps import Extractor
 from bayeskd.train import Checkpoint, TrainSet, fit, lr_at, seed_everything
 
 CFG = Optim(epochs=6, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[2, 4],
@@ -26,8 +25,9 @@ def train(tmp_path, name="ck.pt", on_epoch=None, fingerprint="a", seed=0):
     seed_everything(seed)
     model = nets.build("mlp_student", 3, (5,))
     x, y = toy()
-    history = fit(model, loss_fn, TrainSet(x, y), CFG, seed=seed, checkpoint=Checkpoint(tmp_path / name, fingerprint),
-                  val=(x[:50], y[:50]), on_epoch=on_epoch)
+    history = fit(model, loss_fn, TrainSet(x, y), CFG, seed=seed,
+                  checkpoint=Checkpoint(tmp_path / name, fingerprint), val=(x[:50], y[:50]),
+                  on_epoch=on_epoch)
     return model, history
 
 
@@ -80,24 +80,18 @@ def test_checkpoint_of_other_inputs_is_not_resumed(tmp_path, capsys):
 
 def crd_run(tmp_path, epochs: int) -> tuple[dict, dict]:
     """A cnn student with CRD (memory banks, random negatives) on random digits-sized images."""
-    from bayeskd import feature
+    from bayeskd import distill
 
     seed_everything(0)
     x, y = torch.rand(96, 1, 8, 8), torch.randint(0, 10, (96,))
     student = nets.build("cnn_student", 10, (1, 8, 8))
-    teacher = nets.build("cnn_teacher", 10, (1, 8, 8)).eval().requires_grad_(False)
-    method = feature.build("crd", student, teacher, (1, 8, 8), len(y), nce_k=16)
-    s, t = Extractor(student), Extractor(teacher)
-
-    def crd_loss(logits, batch, epoch):
-        with torch.no_grad():
-            t_out = t(batch.x)
-        return method(s.last(logits), t_out, batch, epoch + 1)
-
+    teacher = nets.build("cnn_teacher", 10, (1, 8, 8))
+    crd = distill.distiller("crd", student, hparams={"nce_k": 16}, teacher=teacher, in_shape=(1, 8, 8),
+                            num_samples=len(y))
     cfg = CFG.model_copy(update={"epochs": epochs})
-    fit(student, crd_loss, TrainSet(x, y), cfg, seed=0, checkpoint=Checkpoint(tmp_path / "crd.pt", "crd"),
-        extra=method)
-    return student.state_dict(), method.state_dict()
+    fit(student, crd.loss_fn, TrainSet(x, y), cfg, seed=0, checkpoint=Checkpoint(tmp_path / "crd.pt", "crd"),
+        extra=crd.extra)
+    return student.state_dict(), crd.extra.state_dict()
 
 
 def test_a_methods_own_parts_train_and_resume_bit_for_bit(tmp_path):

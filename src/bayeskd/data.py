@@ -15,11 +15,13 @@ black pixels, as the standard recipe does, and exported models take raw pixels.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bayeskd import config
 from bayeskd.config import Data, Digits, Gaussian, Images
 from bayeskd.io import atomic_path, write_json
 
@@ -167,14 +169,21 @@ def make_imagefolder(cfg: Images, seed: int) -> Dataset:
                    seed, mean.tolist(), std.tolist())
 
 
+MAKERS: dict[str, Callable[[Data], Dataset]] = {
+    "gaussian": lambda cfg: make_gaussian(cfg.gaussian, cfg.seed),
+    "digits": lambda cfg: make_digits(cfg.digits, cfg.seed),
+    "cifar10": lambda cfg: make_cifar("cifar10", cfg.images, cfg.seed),
+    "cifar100": lambda cfg: make_cifar("cifar100", cfg.images, cfg.seed),
+    "imagefolder": lambda cfg: make_imagefolder(cfg.images, cfg.seed),
+}
+config.check_registry("dataset", config.DATASETS, MAKERS)
+
+
 def make(cfg: Data) -> Dataset:
-    if cfg.name == "gaussian":
-        return make_gaussian(cfg.gaussian, cfg.seed)
-    if cfg.name == "digits":
-        return make_digits(cfg.digits, cfg.seed)
-    if cfg.name == "imagefolder":
-        return make_imagefolder(cfg.images, cfg.seed)
-    return make_cifar(cfg.name, cfg.images, cfg.seed)
+    """The dataset `cfg.name`, generated or read as its section of `cfg` says."""
+    if cfg.name not in MAKERS:
+        raise DataError(f"data.name = {cfg.name!r}: no such dataset; expected one of {', '.join(MAKERS)}")
+    return MAKERS[cfg.name](cfg)
 
 
 def save(ds: Dataset, directory: str | Path) -> None:

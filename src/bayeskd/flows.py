@@ -35,7 +35,7 @@ from bayeskd.io import write_text
 
 WORKSPACES = ".bayeskd/workspaces"
 DVC = [sys.executable, "-m", "dvc"]
-Loss = Literal["ce", "mse", "ls"]
+Loss = Literal[config.TEACHER_LOSSES]
 
 
 def stage_names(repo: Path) -> list[str]:
