@@ -3,7 +3,9 @@ e.g. `python -m flows.pipeline teacher.loss=mse seed=1`."""
 
 import sys
 
-from bayeskd.flows import cli_overrides, pipeline
+from bayeskd.flows import pipeline, run_pipeline_cli
+
+__all__ = ["pipeline"]  # the deployments' entrypoint (prefect.yaml)
 
 if __name__ == "__main__":
-    pipeline(set_params=cli_overrides(sys.argv[1:]))
+    run_pipeline_cli(sys.argv[1:])

@@ -3,7 +3,7 @@
 from bayeskd import cache, data
 from bayeskd.io import sha256_file
 from bayeskd.validation import DataValidationError, validate_cache
-from common import CACHE, DATA, TEACHER, augmentation, fail, load_teacher, params, tensors
+from common import CACHE, DATA, TEACHER, augmentation, fail, load_teacher, params, stage, tensors
 
 REPORT = "reports/cache_validation.json"
 
@@ -28,4 +28,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage(main)

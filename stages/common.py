@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,7 +18,7 @@ from bayeskd import config, nets
 from bayeskd.augment import CropFlip
 from bayeskd.batch import EpochHook
 from bayeskd.data import Dataset
-from bayeskd.io import sha256_file
+from bayeskd.io import Failure, sha256_file
 from bayeskd.tracking import dvclive_epochs, mlflow_run
 from bayeskd.train import distributed
 
@@ -28,9 +28,22 @@ STUDENT = "models/student.safetensors"
 CACHE = "cache/teacher_logits"
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def fail(message: str, code: int = 2) -> NoReturn:
+    """End the stage with one `error:` line and exit code 2, as for bad parameters."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def stage(main: Callable[[], None]) -> None:
+    """Run a stage's main. What a user can meet and fix (a damaged or missing input, a full disk, a
+    read-only output, a loss that diverged) ends the stage with one `error:` line, not a traceback;
+    outputs are written atomically, so the old ones are untouched."""
+    try:
+        main()
+    except Failure as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot read {e.filename or 'an input'}: {e.strerror or e}")
 
 
 def params() -> config.Params:
@@ -47,12 +60,12 @@ def build(role: str, net: str, ds: Dataset) -> nn.Module:
         if out.shape != (2, ds.num_classes):
             raise ValueError(f"it gives outputs of shape {tuple(out.shape[1:])}, not ({ds.num_classes},)")
     except (ValueError, RuntimeError) as e:
-        fail(f"{role}.net = {net!r} does not fit dataset {ds.name!r} (inputs {ds.in_shape}): {e}", code=2)
+        fail(f"{role}.net = {net!r} does not fit dataset {ds.name!r} (inputs {ds.in_shape}): {e}")
     return model.train()
 
 
 def load_teacher(net: str, ds: Dataset) -> nn.Module:
-    """The trained teacher, in eval mode."""
+    """The trained teacher, in eval mode (WeightsError if its file is damaged)."""
     return nets.load_weights(build("teacher", net, ds), TEACHER)
 
 

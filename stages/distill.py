@@ -1,7 +1,7 @@
 """Stage distill: train the student with student.method (bayeskd.distill.distiller). Logit methods
 read the teacher's logits from the cache (no teacher forward); feature methods run the teacher."""
 
-from bayeskd import data, distill
+from bayeskd import data, distill, nets
 from bayeskd.cache import IDENTITY, CacheError, LogitCache
 from bayeskd.io import sha256_file
 from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
@@ -18,6 +18,7 @@ from common import (
     finish,
     load_teacher,
     params,
+    stage,
     tensors,
 )
 
@@ -31,6 +32,7 @@ def main() -> None:
     x, y = tensors(ds, "train")
     aug = augmentation(p)
     cache, teacher, inputs = None, None, [f"{DATA}/train.npz", TEACHER]
+    nets.read_weights(TEACHER)  # a damaged teacher is named as such, not as a cache mismatch
     if s.method in distill.METHODS:
         try:
             cache = LogitCache(CACHE, num_samples=len(y), num_classes=ds.num_classes,
@@ -47,7 +49,7 @@ def main() -> None:
         method = distill.distiller(s.method, model, hparams=s.hparams(), cache=cache, teacher=teacher,
                                    in_shape=ds.in_shape, num_samples=len(y), processes=p.compute.processes)
     except ValueError as e:
-        fail(f"student.method = {s.method!r} cannot distill {p.teacher.net} -> {s.net}: {e}", code=2)
+        fail(f"student.method = {s.method!r} cannot distill {p.teacher.net} -> {s.net}: {e}")
     with epoch_logging("student") as on_epoch:
         history = fit(model, method.loss_fn, TrainSet(x, y, aug, method.view_table), s.optim, seed=p.seed,
                       checkpoint=Checkpoint(CHECKPOINT, fingerprint(s.model_dump(), p.seed, files=inputs)),
@@ -57,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage(main)

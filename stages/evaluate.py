@@ -2,10 +2,10 @@
 
 
 from bayeskd import data, metrics, nets
-from bayeskd.io import write_csv, write_json
+from bayeskd.io import csv_text, json_text, outputs
 from bayeskd.tracking import mlflow_run
 from bayeskd.train import predict
-from common import DATA, STUDENT, TEACHER, build, params, tensors
+from common import DATA, STUDENT, TEACHER, build, params, stage, tensors
 
 METRICS = "reports/metrics.json"
 PLOTS = "reports/plots"
@@ -22,14 +22,18 @@ def main() -> None:
         model = nets.load_weights(build(role, net, ds), weights)
         probs[role] = metrics.softmax(predict(model, x).numpy())
         out[role] = metrics.summary(probs[role], test.y, bins, test.p)
-        write_csv(f"{PLOTS}/reliability_{role}.csv", metrics.reliability(probs[role], test.y, bins))
     out["agreement"] = float((probs["teacher"].argmax(1) == probs["student"].argmax(1)).mean())
     if "bayes_accuracy" in ds.info:
         out["bayes_accuracy"] = ds.info["bayes_accuracy"]
-    write_json(METRICS, out)
     predicted = probs["student"].argmax(1)
-    write_csv(f"{PLOTS}/confusion_student.csv",
-              [{"actual": int(a), "predicted": int(b)} for a, b in zip(test.y, predicted, strict=True)])
+    with outputs() as files:  # the plot data, then the metrics: all new or all old
+        for role in ("teacher", "student"):
+            files.text(f"{PLOTS}/reliability_{role}.csv",
+                       csv_text(metrics.reliability(probs[role], test.y, bins)))
+        files.text(f"{PLOTS}/confusion_student.csv",
+                   csv_text([{"actual": int(a), "predicted": int(b)}
+                             for a, b in zip(test.y, predicted, strict=True)]))
+        files.text(METRICS, json_text(out))
     with mlflow_run() as run:
         run.log_metrics(out)
         run.log_artifacts(METRICS, PLOTS, "dvclive")
@@ -40,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage(main)

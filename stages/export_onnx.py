@@ -1,9 +1,9 @@
 """Stage export_onnx: teacher and student to ONNX, checked against torch with onnxruntime."""
 
 from bayeskd import data, export, nets
-from bayeskd.io import write_json
+from bayeskd.io import json_text, outputs
 from bayeskd.tracking import MODEL_NAME, mlflow_run
-from common import DATA, STUDENT, TEACHER, build, fail, params, tensors
+from common import DATA, STUDENT, TEACHER, build, fail, params, stage, tensors
 
 REPORT = "reports/export.json"
 
@@ -13,19 +13,22 @@ def main() -> None:
     e = p.export
     ds = data.load(DATA, ("test",))
     x, _ = tensors(ds, "test")  # held-out inputs for the parity check
-    report = {}
+    exported, report = {}, {}
     for role, net, weights in (("teacher", p.teacher.net, TEACHER), ("student", p.student.net, STUDENT)):
         model = nets.load_weights(build(role, net, ds), weights)
-        path = f"models/{role}.onnx"
-        export.to_onnx(model, x[:2], path, e.opset)
-        report[role] = export.check(path, model, x, e.batch_size, e.latency_runs)
-        r = report[role]
-        print(f"{role} -> {path}: max |onnxruntime - torch| {r['max_abs_diff']:.2e}, "
+        exported[role] = export.to_onnx(model, x[:2], e.opset)
+        report[role] = r = export.check(exported[role], model, x, e.batch_size, e.latency_runs)
+        print(f"{role}: max |onnxruntime - torch| {r['max_abs_diff']:.2e}, "
               f"{r['latency_ms']:.3f} ms per batch of {r['batch_size']}")
-    write_json(REPORT, report)
     worst = max(r["max_abs_diff"] for r in report.values())
     if worst > e.max_abs_diff:
-        fail(f"ONNX output differs from torch by {worst:.3g} > export.max_abs_diff = {e.max_abs_diff}")
+        fail(f"ONNX output differs from torch by {worst:.3g} > export.max_abs_diff = {e.max_abs_diff}; "
+             "nothing written")
+    with outputs() as out:  # the models, then the report: all new or all old
+        for role, model_bytes in exported.items():
+            out.path(f"models/{role}.onnx").write_bytes(model_bytes)
+        out.text(REPORT, json_text(report))
+    print(f"wrote models/teacher.onnx, models/student.onnx and {REPORT}")
     with mlflow_run() as run:
         run.log_metrics({"export": report})
         run.log_artifacts(REPORT)
@@ -35,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage(main)

@@ -3,7 +3,7 @@
 from bayeskd import data
 from bayeskd.tracking import mlflow_run
 from bayeskd.validation import DataValidationError, validate
-from common import DATA, fail, params
+from common import DATA, fail, params, stage
 
 REPORT = "reports/validation.json"
 
@@ -27,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage(main)

@@ -3,7 +3,18 @@
 from bayeskd import data
 from bayeskd.losses import TEACHER_LOSSES
 from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
-from common import DATA, TEACHER, augmentation, build, epoch_logging, fingerprint, finish, params, tensors
+from common import (
+    DATA,
+    TEACHER,
+    augmentation,
+    build,
+    epoch_logging,
+    fingerprint,
+    finish,
+    params,
+    stage,
+    tensors,
+)
 
 CHECKPOINT = "checkpoints/teacher.pt"
 
@@ -28,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage(main)

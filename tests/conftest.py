@@ -31,15 +31,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
-@pytest.fixture
-def project(tmp_path: Path):
-    """A copy of the project's tracked files in a fresh git repository, with tiny parameters.
-
-    Returns a function `write_params(**overrides)` bound to the copy; the copy is `.root`.
-    """
+def make_project(dest: Path) -> Path:
+    """A copy of the project's tracked files at `dest`, a fresh git repository with tiny parameters."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
-    dest = tmp_path / "project"
     for f in files:
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +44,12 @@ def project(tmp_path: Path):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project (`make_project`) in a temporary directory."""
+    return make_project(tmp_path / "project")
 
 
 def feature_steps(method: str, steps: int = 30, student_net: str = "cnn_student",

@@ -18,6 +18,8 @@ Readers memory-map the shards and check every checksum before training starts.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import time
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from bayeskd.augment import CropFlip
-from bayeskd.io import atomic_path, sha256_file, write_json
+from bayeskd.io import Failure, atomic_path, sha256_file, write_json
 
 FORMAT = "bayeskd.logit_cache/2"
 MANIFEST, PROGRESS, VIEWS = "manifest.json", "progress.json", "views.npy"
@@ -37,8 +39,16 @@ IDENTITY = {"name": "identity", "views": 1}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class CacheError(RuntimeError):
+class CacheError(Failure):
     """The cache does not match what the consumer expects, or a file is damaged."""
+
+
+def _read_json(path: Path) -> object:
+    """A JSON file's content, or CacheError naming the damaged file."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{path}: damaged ({type(e).__name__}: {e}); rerun the cache_logits stage") from None
 
 
 def _encode(t: Tensor, dtype: str) -> np.ndarray:
@@ -61,22 +71,28 @@ def view_table(num_samples: int, augment: CropFlip | None, views: int | str, see
 
 
 def _save(directory: Path, name: str, array: np.ndarray) -> str:
+    """Write `array` as `name` (.npy) atomically; its sha256."""
+    buffer = io.BytesIO()  # serialised first: numpy reports a short write without its reason
+    np.save(buffer, array)
     with atomic_path(directory / name) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        return sha256_file(tmp)
+        tmp.write_bytes(buffer.getbuffer())
+    return hashlib.sha256(buffer.getbuffer()).hexdigest()
 
 
 @torch.no_grad()
 def teacher_logits(model: nn.Module, x: Tensor, table: np.ndarray, augment: CropFlip | None,
                    batch_size: int) -> Tensor:
-    """float32 logits of shape (samples, slots, classes) for the views named by `table`."""
+    """float32 logits of shape (samples, slots, classes) for the views named by `table`. A progress
+    bar shows on a terminal only; logs get one line per shard from `build`."""
+    from tqdm import tqdm
+
     n, slots = table.shape
     sample = torch.arange(n).repeat_interleave(slots)
     view = torch.from_numpy(table.reshape(-1).astype(np.int64))
     model.eval()
     out = []
-    for a in range(0, n * slots, batch_size):
+    starts = range(0, n * slots, batch_size)
+    for a in tqdm(starts, desc="teacher views", unit="batch", leave=False, disable=None):
         s, v = sample[a : a + batch_size], view[a : a + batch_size]
         out.append(model(x[s] if augment is None else augment.apply(x[s], v)).float())
     return torch.cat(out).reshape(n, slots, -1)
@@ -96,11 +112,12 @@ def build(model: nn.Module, x: Tensor, y: Tensor, directory: str | Path, *, num_
           topk: int, teacher_sha256: str, batch_size: int = 256,
           log: Callable[[str], None] = print) -> dict:
     """Build (or resume building) the cache of `model`'s logits on `x`; return the manifest."""
+    if topk >= num_classes:
+        raise CacheError(f"cache.topk = {topk}: must be below the {num_classes} classes "
+                         "(0 stores all logits)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
-    if topk >= num_classes:
-        topk = 0
     table = view_table(len(x), augment, views, seed)
     identity = {
         "format": FORMAT, "num_samples": len(x), "num_slots": table.shape[1], "num_classes": num_classes,
@@ -108,8 +125,12 @@ def build(model: nn.Module, x: Tensor, y: Tensor, directory: str | Path, *, num_
         "augmentation": augment.spec() if augment else IDENTITY, "teacher_sha256": teacher_sha256,
     }
     progress_path = directory / PROGRESS
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-    if progress.get("identity") != identity:  # a fresh build: nothing of another build may remain
+    try:
+        progress = _read_json(progress_path) if progress_path.exists() else {}
+    except CacheError:  # a damaged record of progress: build afresh
+        progress = {}
+    if not isinstance(progress, dict) or progress.get("identity") != identity:
+        # a fresh build: nothing of another build may remain
         for f in directory.iterdir():
             if f.is_file():
                 f.unlink()
@@ -156,20 +177,26 @@ class LogitCache:
         self.directory = d = Path(directory)
         if not (d / MANIFEST).exists():
             raise CacheError(f"{d / MANIFEST}: no cache manifest; run the cache_logits stage first")
-        self.manifest = m = json.loads((d / MANIFEST).read_text())
-        if m.get("format") != FORMAT:
-            raise CacheError(f"{d / MANIFEST}: format {m.get('format')!r}, expected {FORMAT!r}")
-        expected = {"num_samples": num_samples, "num_classes": num_classes,
-                    "teacher_sha256": teacher_sha256, "augmentation": augmentation}
-        for key, want in expected.items():
-            if want is not None and m[key] != want:
-                raise CacheError(f"{d / MANIFEST}: the cache was built with {key} = {m[key]}, but distill "
-                                 f"expects {want}; rerun the cache_logits stage")
-        self.view_table = torch.from_numpy(self._load(m["view_table"]["file"], m["view_table"]["sha256"])
-                                           .astype(np.int64))
-        self.shards = [{name.split(".")[1]: self._load(name, sha) for name, sha in s["files"].items()}
-                       for s in m["shards"]]
-        self.shard_size = m["shard_size"]
+        self.manifest = m = _read_json(d / MANIFEST)
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            found = m.get("format") if isinstance(m, dict) else type(m).__name__
+            raise CacheError(f"{d / MANIFEST}: format {found!r}, expected {FORMAT!r}; "
+                             "rerun the cache_logits stage")
+        try:
+            expected = {"num_samples": num_samples, "num_classes": num_classes,
+                        "teacher_sha256": teacher_sha256, "augmentation": augmentation}
+            for key, want in expected.items():
+                if want is not None and m[key] != want:
+                    raise CacheError(f"{d / MANIFEST}: the cache was built with {key} = {m[key]}, but "
+                                     f"distill expects {want}; rerun the cache_logits stage")
+            table = self._load(m["view_table"]["file"], m["view_table"]["sha256"])
+            self.view_table = torch.from_numpy(table.astype(np.int64))
+            self.shards = [{name.split(".")[1]: self._load(name, sha) for name, sha in s["files"].items()}
+                           for s in m["shards"]]
+            self.shard_size = m["shard_size"]
+        except (KeyError, TypeError, IndexError) as e:
+            raise CacheError(f"{d / MANIFEST}: damaged (no entry {e}); rerun the cache_logits stage") \
+                from None
 
     def _load(self, name: str, sha: str) -> np.ndarray:
         path = self.directory / name

@@ -317,6 +317,15 @@ class Params(Section):
     evaluate: Evaluate
     export: Export
 
+    @model_validator(mode="after")
+    def _topk_below_the_classes(self) -> Params:
+        classes = {"gaussian": self.data.gaussian.n_classes, "digits": 10, "cifar10": 10, "cifar100": 100}
+        k, known = self.cache.topk, classes.get(self.data.name)  # imagefolder: counted when read
+        if k and known is not None and k >= known:
+            raise ValueError(f"cache.topk = {k}: must be below the {known} classes of data.name = "
+                             f"{self.data.name!r} (0 stores all logits)")
+        return self
+
 
 def with_overrides(params: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
     """A copy of the params.yaml mapping with dotted-key overrides applied, validated."""
@@ -376,7 +385,7 @@ def _describe(err: dict) -> str:
         return f"{key} = {err['input']!r}: not allowed; expected {err['ctx']['expected']}"
     msg = err["msg"].removeprefix("Value error, ")
     if isinstance(err["input"], dict):  # a model-level check: the message already names the values
-        return msg if msg.startswith(f"{key}.") else f"{key}: {msg}"
+        return msg if not loc or msg.startswith(f"{key}.") else f"{key}: {msg}"
     return f"{key} = {err['input']!r}: {msg}"
 
 

@@ -14,7 +14,9 @@ black pixels, as the standard recipe does, and exported models take raw pixels.
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 
 from bayeskd import config
 from bayeskd.config import Data, Digits, Gaussian, Images
-from bayeskd.io import atomic_path, write_json
+from bayeskd.io import Failure, json_text, outputs
 
 SPLITS = ("train", "val", "test")
 # per-channel mean and std of the training images, as the standard CIFAR recipes normalise
@@ -33,7 +35,7 @@ CIFAR = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(Failure):
     """The dataset's files are missing or do not fit what the parameters ask for."""
 
 
@@ -187,29 +189,38 @@ def make(cfg: Data) -> Dataset:
 
 
 def save(ds: Dataset, directory: str | Path) -> None:
+    """Every split, then info.json, all renamed into place together."""
     directory = Path(directory)
-    for name, split in ds.splits.items():
-        x = np.round(split.x * 255).astype(np.uint8) if ds.info.get("uint8") else split.x
-        arrays = {"x": x, "y": split.y} | ({"p": split.p} if split.p is not None else {})
-        with atomic_path(directory / f"{name}.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-    write_json(directory / "info.json", {
-        "name": ds.name, "num_classes": ds.num_classes, "in_shape": list(ds.in_shape),
-        "sizes": {k: len(s.y) for k, s in ds.splits.items()}, "value_range": list(ds.value_range),
-        **ds.info,
-    })
+    with outputs() as out:
+        for name, split in ds.splits.items():
+            x = np.round(split.x * 255).astype(np.uint8) if ds.info.get("uint8") else split.x
+            arrays = {"x": x, "y": split.y} | ({"p": split.p} if split.p is not None else {})
+            buffer = io.BytesIO()  # serialised first: numpy reports a short write without its reason
+            np.savez(buffer, **arrays)
+            out.path(directory / f"{name}.npz").write_bytes(buffer.getbuffer())
+        out.text(directory / "info.json", json_text({
+            "name": ds.name, "num_classes": ds.num_classes, "in_shape": list(ds.in_shape),
+            "sizes": {k: len(s.y) for k, s in ds.splits.items()}, "value_range": list(ds.value_range),
+            **ds.info,
+        }))
 
 
 def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    """The prepared dataset in `directory` (those of `splits` it has); DataError if a file is damaged."""
     directory = Path(directory)
-    meta = json.loads((directory / "info.json").read_text())
-    loaded = {}
-    for name in (s for s in splits if s in meta["sizes"]):
-        with np.load(directory / f"{name}.npz", allow_pickle=False) as z:
-            x = z["x"].astype(np.float32) / 255 if meta.get("uint8") else z["x"]
-            loaded[name] = Split(x, z["y"], z["p"] if "p" in z.files else None)
-    info = {k: v for k, v in meta.items()
-            if k not in ("name", "num_classes", "in_shape", "sizes", "value_range")}
-    return Dataset(meta["name"], meta["num_classes"], tuple(meta["in_shape"]), loaded,
-                   tuple(meta["value_range"]), info)
+    path = directory / "info.json"
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+        loaded = {}
+        for name in (s for s in splits if s in meta["sizes"]):
+            path = directory / f"{name}.npz"
+            with np.load(path, allow_pickle=False) as z:
+                x = z["x"].astype(np.float32) / 255 if meta.get("uint8") else z["x"]
+                loaded[name] = Split(x, z["y"], z["p"] if "p" in z.files else None)
+        info = {k: v for k, v in meta.items()
+                if k not in ("name", "num_classes", "in_shape", "sizes", "value_range")}
+        return Dataset(meta["name"], meta["num_classes"], tuple(meta["in_shape"]), loaded,
+                       tuple(meta["value_range"]), info)
+    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:  # JSON: ValueError
+        raise DataError(f"{path}: damaged ({type(e).__name__}: {str(e)[:200]}); restore it with "
+                        "`dvc checkout` or rebuild it with `dvc repro`") from None

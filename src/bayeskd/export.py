@@ -3,44 +3,40 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from bayeskd.io import atomic_path
-
 STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata holding absolute source paths
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int) -> None:
-    """Export with a dynamic batch axis, without the exporter's per-node Python stack traces (they
-    hold this machine's paths and make equal models differ between checkouts), then check."""
+def to_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """The serialised ONNX model, with a dynamic batch axis and without the exporter's per-node
+    Python stack traces (they hold this machine's paths and make equal models differ between
+    checkouts); checked by onnx.checker."""
     import onnx
 
     model.eval()
-    with atomic_path(path) as tmp:
-        torch.onnx.export(
-            model, (example,), str(tmp), dynamo=True, opset_version=opset,
-            input_names=["input"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
-        )
-        exported = onnx.load(str(tmp))
-        for node in exported.graph.node:
-            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
-        onnx.checker.check_model(exported, full_check=True)
-        onnx.save(exported, str(tmp))
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, opset_version=opset, input_names=["input"], output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+    )
+    exported = program.model_proto
+    for node in exported.graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.checker.check_model(exported, full_check=True)
+    return exported.SerializeToString()
 
 
-def check(path: str | Path, model: nn.Module, x: torch.Tensor, batch_size: int, runs: int) -> dict:
+def check(onnx_model: bytes, model: nn.Module, x: torch.Tensor, batch_size: int, runs: int) -> dict:
     """Largest |onnxruntime - torch| over the inputs `x`, in batches, and onnxruntime's median
     latency for one batch of `batch_size`."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     model.eval()
     diff = 0.0
     with torch.no_grad():

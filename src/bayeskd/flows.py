@@ -142,8 +142,7 @@ def pipeline(
         overrides["teacher.loss"] = teacher_loss
     if seed is not None:
         overrides["seed"] = seed
-    base = yaml.safe_load(_sh(["git", "show", f"{commit}:params.yaml"], root))
-    params = config.with_overrides(base, overrides)
+    params = checked_params(root, commit, overrides)
     key = hashlib.sha256(json.dumps([commit, overrides], sort_keys=True).encode()).hexdigest()[:12]
     name = experiment or f"{params['teacher']['loss']}-seed{params['seed']}-{key[:6]}"
     env = os.environ | {
@@ -236,12 +235,31 @@ def compare(
     return markdown
 
 
+def checked_params(root: Path, rev: str, overrides: dict[str, Any]) -> dict:
+    """params.yaml at `rev` with the overrides, validated (ParamsError names each bad key)."""
+    base = yaml.safe_load(_sh(["git", "show", f"{rev}:params.yaml"], root))
+    return config.with_overrides(base, overrides)
+
+
 def cli_overrides(argv: list[str]) -> dict[str, Any]:
     """`key=value` arguments (values parsed as YAML) for running flows from the command line."""
     out = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise SystemExit(f"error: expected key=value, got {arg!r}")
+            print(f"error: expected key=value, got {arg!r}", file=sys.stderr)
+            raise SystemExit(2)
         out[key] = yaml.safe_load(value)
     return out
+
+
+def run_pipeline_cli(argv: list[str]) -> None:
+    """`python -m flows.pipeline key=value ...`: bad overrides end with one `error:` line and exit
+    code 2, before Prefect starts."""
+    overrides = cli_overrides(argv)
+    try:
+        checked_params(Path(".").resolve(), "HEAD", overrides)
+    except config.ParamsError as e:
+        print(f"error: invalid parameters\n{e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    pipeline(set_params=overrides)

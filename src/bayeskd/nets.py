@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.ops import MLP, Conv2dNormActivation
 
 from bayeskd import config
+from bayeskd.io import Failure
 from bayeskd.taps import Taps
 from bayeskd.zoo import ZOO
 
@@ -91,17 +92,35 @@ def build(name: str, num_classes: int, in_shape: Sequence[int], normalize: dict 
     return Normalized(net, normalize["mean"], normalize["std"]) if normalize else net
 
 
+class WeightsError(Failure):
+    """A weights file is missing, damaged, or holds another net's weights."""
+
+
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from bayeskd.io import atomic_path
 
     with atomic_path(path) as tmp:
-        save_file(model.state_dict(), str(tmp))
+        tmp.write_bytes(save(model.state_dict()))
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; WeightsError naming the file if it cannot be read."""
+    from safetensors.torch import load
+
+    try:
+        return load(Path(path).read_bytes())
+    except Exception as e:  # a missing, truncated or foreign file: safetensors raises several kinds
+        reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0][:200] or type(e).__name__
+        raise WeightsError(f"cannot read {path}: {reason}; restore it with `dvc checkout` or rebuild it "
+                           "with `dvc repro`") from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path)))
+    tensors = read_weights(path)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # keys or shapes of another net
+        raise WeightsError(f"{path} holds the weights of another net: {str(e).splitlines()[0]}") from None
     return model.eval()

@@ -31,13 +31,19 @@ def dvclive_epochs(directory: str | Path) -> Iterator[EpochHook]:
     """An `on_epoch` hook for `train.fit` writing one DVCLive step per epoch into `directory`.
 
     The pipeline's dvc.yaml declares the plots itself, so DVCLive neither edits dvc.yaml nor
-    creates experiments of its own.
+    creates experiments of its own. DVCLive starts (and clears `directory`) at the first finished
+    epoch, so a run that fails in its first epoch leaves the earlier curves as they were.
     """
     from dvclive import Live
 
-    with Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    with contextlib.ExitStack() as stack:
+        live: Live | None = None
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            nonlocal live
+            if live is None:
+                live = stack.enter_context(Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False,
+                                                report=None))
             live.step = epoch
             for key, value in metrics.items():
                 live.log_metric(key, value)
@@ -126,12 +132,22 @@ class Run:
         mlflow.log_params(flatten(self.params))
 
     def epoch_hook(self, prefix: str) -> EpochHook:
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            import mlflow
+        """Logs each epoch's metrics once: a resumed run replays its restored epochs, which an
+        earlier attempt of this pipeline execution has already logged into this run."""
+        import mlflow
 
-            self._safely("logging metrics", mlflow.log_metrics,
-                         {f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
+        logged = self._safely("reading the run", self._logged_epochs, f"{prefix}/lr") or set()
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            if epoch not in logged:
+                self._safely("logging metrics", mlflow.log_metrics,
+                             {f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
         return on_epoch
+
+    def _logged_epochs(self, key: str) -> set[int]:
+        import mlflow
+
+        return {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, key)}
 
     def log_metrics(self, metrics: dict) -> None:
         import mlflow

@@ -25,6 +25,7 @@ SyncBatchNorm, so CPU processes normalise with their own part.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import time
@@ -42,10 +43,10 @@ from torch.nn.parallel import DistributedDataParallel
 from bayeskd.augment import CropFlip
 from bayeskd.batch import Batch, EpochHook, LossFn
 from bayeskd.config import Optim
-from bayeskd.io import atomic_path
+from bayeskd.io import Failure, atomic_path
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Failure):
     """Training cannot go on (a non-finite loss); the message says what to change."""
 
 
@@ -133,8 +134,7 @@ class Checkpoint:
         except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
             aside = self.path.with_name(self.path.name + ".unreadable")
             os.replace(self.path, aside)
-            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            print(f"warning: checkpoint {self.path} is unreadable ({reason}); moved to {aside}, "
+            print(f"warning: checkpoint {self.path} is unreadable ({type(e).__name__}); moved to {aside}, "
                   "training starts afresh", flush=True)
             return None
         if state["fingerprint"] != self.fingerprint:
@@ -144,8 +144,10 @@ class Checkpoint:
         return state
 
     def save(self, **state: object) -> None:
+        buffer = io.BytesIO()  # serialised first, so that a failed write is an OSError of ours
+        torch.save({"fingerprint": self.fingerprint, **state}, buffer)
         with atomic_path(self.path) as tmp:
-            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+            tmp.write_bytes(buffer.getbuffer())
 
 
 @dataclass
