@@ -29,11 +29,12 @@ from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
 BATCH, AUG = 64, CropFlip(4)
 
 
-def student_run(label: str, x, y, teacher, logit_cache, steps: int, workdir: Path) -> float:
+def student_run(label: str, x, y, teacher, logit_cache, steps: int, workdir: Path,
+                student: str = "resnet8x4") -> float:
     """Seconds for `steps` KD steps of a fresh student (one epoch over steps * BATCH samples), its
     teacher logits read from `logit_cache`, or, without one, from the teacher run online."""
     seed_everything(0)
-    student = nets.build("resnet8x4", 100, (3, 32, 32))
+    student = nets.build(student, 100, (3, 32, 32))
     kd = distill.distiller("kd", student, cache=logit_cache, teacher=None if logit_cache else teacher)
     cfg = Optim(epochs=1, batch_size=BATCH, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[],
                 gamma=0.1)

@@ -50,11 +50,14 @@ class PILImages(Dataset):
         return self.transform(Image.fromarray(self.pixels[i])), int(self.labels[i])
 
 
-def reference(name: str, pixels, labels, batch: int, steps: int, workers: int) -> float:
-    """Seconds for `steps` steps of the conventional loop (after one warm-up step)."""
+def reference(name: str, pixels, labels, batch: int, steps: int, workers: int,
+              mixed_precision: bool = False) -> float:
+    """Seconds for `steps` steps of the conventional loop (after one warm-up step); with
+    `mixed_precision`, the forward under bf16 autocast and the model and batches channels_last."""
     device = default_device()
     torch.manual_seed(0)
-    model = nets.build(name, 100, (3, 32, 32)).to(device).train()
+    layout = torch.channels_last if mixed_precision else torch.preserve_format
+    model = nets.build(name, 100, (3, 32, 32)).to(device, memory_format=layout).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(PILImages(pixels, labels), batch_size=batch, shuffle=True, num_workers=workers,
                         drop_last=True, pin_memory=device.type == "cuda")
@@ -64,7 +67,9 @@ def reference(name: str, pixels, labels, batch: int, steps: int, workers: int) -
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+            logits = model(x.to(device, non_blocking=True, memory_format=layout))
+            loss = F.cross_entropy(logits, y.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

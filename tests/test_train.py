@@ -119,3 +119,19 @@ def test_compiled_training_matches_eager(tmp_path):
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
     assert compiled_history[-1]["train/loss"] == pytest.approx(eager_history[-1]["train/loss"], rel=1e-4)
+
+
+def test_bf16_autocast_and_channels_last_run_on_the_cpu_behind_the_gpu_switches(tmp_path):
+    """The switches that are on by default on a GPU, exercised on the CPU: the same training, within
+    bf16 rounding of the float32 run."""
+    results = []
+    for fast in (False, True):
+        seed_everything(0)
+        x, y = torch.rand(64, 3, 8, 8), torch.randint(0, 4, (64,))
+        model = nets.build("cnn_student", 4, (3, 8, 8))
+        history = fit(model, loss_fn, TrainSet(x, y), CFG.model_copy(update={"epochs": 2}), seed=0,
+                      checkpoint=Checkpoint(tmp_path / f"{fast}.pt", "f"), mixed_precision=fast,
+                      channels_last=fast)
+        results.append(history[-1]["train/loss"])
+    assert results[0] != results[1]  # bf16 did run
+    assert results[1] == pytest.approx(results[0], rel=0.05)

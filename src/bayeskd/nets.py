@@ -16,6 +16,7 @@ from bayeskd import config
 from bayeskd.io import Failure
 from bayeskd.taps import Taps
 from bayeskd.zoo import ZOO
+from bayeskd.zoo._layers import GlobalAvgPool
 
 
 def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
@@ -48,7 +49,7 @@ def cnn(widths: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
             block = Conv2dNormActivation(channels, w, kernel_size=3)
             layers[f"stage{i + 1}"] = nn.Sequential(block, nn.MaxPool2d(2)) if i == 0 else block
             channels = w
-        layers |= {"pool": nn.AdaptiveAvgPool2d(1), "flatten": nn.Flatten(),
+        layers |= {"pool": GlobalAvgPool(), "flatten": nn.Flatten(),
                    "fc": nn.Linear(channels, num_classes)}
         net = nn.Sequential(OrderedDict(layers))
         net.taps = Taps(tuple(f"stage{i + 1}" for i in range(len(widths))), "flatten")

@@ -27,6 +27,14 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
 
 
+class GlobalAvgPool(nn.Module):
+    """The mean over height and width (N x C x 1 x 1). Equal to AdaptiveAvgPool2d(1), whose CUDA
+    backward is nondeterministic (atomic adds); a mean's backward is not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
 class ZooNet(nn.Sequential):
     """A network run as a chain of named parts: `stem` (if any), `stage1` ... `stageN`, `head` (if
     any), then `pool` (global average), `flatten` (the pre-logit vector) and `fc` (the logits).
@@ -38,7 +46,7 @@ class ZooNet(nn.Sequential):
         parts = [("stem", stem), *zip(names, stages, strict=True), ("head", head)]
         super().__init__(OrderedDict([
             *((name, part) for name, part in parts if part is not None),
-            ("pool", nn.AdaptiveAvgPool2d(1)),
+            ("pool", GlobalAvgPool()),
             ("flatten", nn.Flatten()),
             ("fc", nn.Linear(width, num_classes)),
         ]))
