@@ -3,7 +3,6 @@
 
 from bayeskd import data, metrics, nets
 from bayeskd.io import write_csv, write_json
-from bayeskd.tracking import mlflow_run
 from bayeskd.train import predict
 from common import DATA, STUDENT, TEACHER, build, params, tensors
 
@@ -30,9 +29,6 @@ def main() -> None:
     predicted = probs["student"].argmax(1)
     write_csv(f"{PLOTS}/confusion_student.csv",
               [{"actual": int(a), "predicted": int(b)} for a, b in zip(test.y, predicted, strict=True)])
-    with mlflow_run() as run:
-        run.log_metrics(out)
-        run.log_artifacts(METRICS, PLOTS, "dvclive")
     for role in ("teacher", "student"):
         shown = " ".join(f"{k} {v:.4f}" for k, v in out[role].items())
         print(f"{role}: {shown}")
