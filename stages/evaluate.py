@@ -1,5 +1,6 @@
 """Stage evaluate: test-split metrics of teacher and student, reliability and confusion plot data."""
 
+import numpy as np
 
 from bayeskd import data, metrics, nets
 from bayeskd.io import write_csv, write_json
@@ -26,9 +27,11 @@ def main() -> None:
     if "bayes_accuracy" in ds.info:
         out["bayes_accuracy"] = ds.info["bayes_accuracy"]
     write_json(METRICS, out)
-    predicted = probs["student"].argmax(1)
+    counts = np.zeros((ds.num_classes, ds.num_classes), dtype=int)  # [actual, predicted]
+    np.add.at(counts, (test.y, probs["student"].argmax(1)), 1)
     write_csv(f"{PLOTS}/confusion_student.csv",
-              [{"actual": int(a), "predicted": int(b)} for a, b in zip(test.y, predicted, strict=True)])
+              [{"actual": a, "predicted": b, "count": int(counts[a, b])}
+               for a in range(ds.num_classes) for b in range(ds.num_classes)])
     for role in ("teacher", "student"):
         shown = " ".join(f"{k} {v:.4f}" for k, v in out[role].items())
         print(f"{role}: {shown}")
