@@ -73,6 +73,7 @@ def test_one_run_with_curves_metrics_artifacts_and_a_tagged_model(repo, monkeypa
     commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert got.data.tags["git.commit"] == commit
     assert got.data.tags["dvc.experiment"] == "" and "data.hash" in got.data.tags
+    assert got.info.run_name == f"main@{commit[:7]}"  # experiments are named by DVC
     assert got.data.metrics == {"student.accuracy": 0.5, "teacher.accuracy": 0.6,
                                 "teacher/train/loss": pytest.approx(1 / 3), "teacher/lr": 0.01}
     history = client.get_metric_history(first, "teacher/train/loss")

@@ -148,9 +148,10 @@ class Run:
         import mlflow
 
         set_experiment()
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
         tags = {"git.commit": self.commit, "dvc.experiment": self.exp_name, "data.hash": _data_hash(),
-                "git.branch": _git("rev-parse", "--abbrev-ref", "HEAD")}
-        run = mlflow.start_run(run_name=self.exp_name or None,
+                "git.branch": branch}
+        run = mlflow.start_run(run_name=self.exp_name or f"{branch or 'HEAD'}@{self.commit[:7]}",
                                tags={k: v for k, v in tags.items() if k != "data.hash" or v})
         self.run_id = run.info.run_id
         mlflow.log_params(flatten(self.params))
