@@ -79,8 +79,8 @@ def collect(repo: str | Path = ".", revs: tuple[str, ...] = (), all_commits: boo
 
 
 def _compare_command(a: Run, b: Run) -> str:
-    return f"dvc exp diff {a.rev} {b.rev}" if "workspace" not in (a.rev, b.rev) else (
-        f"dvc exp diff {b.rev if a.rev == 'workspace' else a.rev}")
+    """What shows two runs' differences (`dvc exp diff REV` compares REV with the workspace)."""
+    return " ".join(["dvc", "exp", "diff", *(r.rev for r in (a, b) if r.rev != "workspace")])
 
 
 def unique(runs: list[Run]) -> list[Run]:
