@@ -85,6 +85,7 @@ def test_one_run_with_curves_metrics_artifacts_and_a_tagged_model(repo, monkeypa
     assert version.run_id == first
     assert {k: version.tags[k] for k in ("teacher.loss", "seed", "dvc.experiment", "git.commit")} == {
         "teacher.loss": "mse", "seed": "0", "dvc.experiment": "none", "git.commit": commit}
+    assert version.description.startswith("mse teacher, seed 0: ") and commit[:7] in version.description
     model = client.get_logged_model(version.source.removeprefix("models:/"))
     assert {(m.key, m.value) for m in model.metrics} == {("student.accuracy", 0.5)}  # its own only
     signature = mlflow.models.get_model_info(version.source).signature

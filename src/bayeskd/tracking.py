@@ -203,13 +203,18 @@ class Run:
             onnx.load(path), name="student", signature=infer_signature(inputs, outputs),
             pip_requirements=["onnxruntime"], save_as_external_data=False,
         )
-        self.log_metrics(metrics, model_id=info.model_id)
+        self._log_batch([(k, v, 0) for k, v in flatten(metrics).items()], model_id=info.model_id)
         flat = flatten(self.params)
         tags = {k: flat[k] for k in VERSION_TAGS if k in flat} | {
             "dvc.experiment": self.exp_name or "none", "git.commit": self.commit}
         version = mlflow.register_model(info.model_uri, MODEL_NAME, tags=tags).version
+        client = mlflow.MlflowClient()
+        client.update_model_version(MODEL_NAME, version, description=(
+            f"{flat.get('teacher.loss')} teacher, seed {flat.get('seed')}: {flat.get('teacher.net')} -> "
+            f"{flat.get('student.net')} ({flat.get('student.method')}) on {flat.get('data.name')}; "
+            f"{self.exp_name or 'no DVC experiment'}, commit {self.commit[:7]}"))
         if self._is_main():
-            mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, MAIN_ALIAS, version)
+            client.set_registered_model_alias(MODEL_NAME, MAIN_ALIAS, version)
         return str(version)
 
     def _is_main(self) -> bool:
