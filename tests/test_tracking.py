@@ -1,5 +1,4 @@
 import json
-import os
 import socket
 import time
 
@@ -27,8 +26,11 @@ def git_commit(repo, message="x", paths=("-A",)):
 def repo(tmp_path, monkeypatch):
     """A git repository on branch main as the working directory, its own MLflow store."""
     monkeypatch.chdir(tmp_path)
-    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         monkeypatch.delenv(var, raising=False)
+    # empty: the default store; and restored after the test, since mlflow.set_tracking_uri sets it
+    # for subprocesses, which would send later tests' stages to this test's store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     run(["git", "init", "-q", "-b", "main"], tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "teacher": {"loss": "mse"}}))
@@ -148,9 +150,10 @@ def assert_complete(client, runs, epochs):
 
 
 @pytest.mark.slow
-def test_every_execution_logs_one_complete_run_or_none(project):
+def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     """One complete MLflow run per execution of the pipeline's last stage; nothing for a variant that
     DVC restores from its run cache, nor for a rerun that reproduces the same student."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
     epochs = yaml.safe_load((project / "params.yaml").read_text())["student"]["optim"]["epochs"]
     run(["dvc", "repro"], project)
     client, logged = runs_of(project)
@@ -183,11 +186,9 @@ def test_every_execution_logs_one_complete_run_or_none(project):
     assert {r.data.params["teacher.loss"] for r in logged} == {"ce", "mse"}
 
     # tracking that fails costs no output: the last stage still writes them and succeeds
-    os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
-    try:
-        result = run(["dvc", "repro", "--force", "--single-item", "export_onnx"], project)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    result = run(["dvc", "repro", "--force", "--single-item", "export_onnx"], project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert "MLflow tracking off" in result.stderr + result.stdout
     assert json.loads((project / "reports/export.json").read_text())["student"]["max_abs_diff"] <= 1e-4
     assert len(runs_of(project)[1]) == 2
