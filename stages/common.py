@@ -19,7 +19,7 @@ from bayeskd.augment import CropFlip
 from bayeskd.batch import EpochHook
 from bayeskd.data import Dataset
 from bayeskd.io import Failure, sha256_file
-from bayeskd.tracking import dvclive_epochs, mlflow_run
+from bayeskd.tracking import dvclive_epochs
 from bayeskd.train import distributed
 
 DATA = "data/prepared"
@@ -84,19 +84,13 @@ def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor] | None
 
 @contextlib.contextmanager
 def epoch_logging(role: str) -> Iterator[EpochHook | None]:
-    """The per-epoch hook of a training stage: DVCLive curves and the MLflow run. Under torchrun
-    only rank 0 logs (and writes the stage's outputs)."""
+    """The per-epoch hook of a training stage: DVCLive curves (MLflow gets them from these files
+    when export_onnx logs the run). Under torchrun only rank 0 logs (and writes the outputs)."""
     if distributed()[0] != 0:
         yield None
         return
-    with mlflow_run() as run, dvclive_epochs(f"dvclive/{role}") as live:
-        mlflow_hook = run.epoch_hook(role)
-
-        def both(epoch, metrics):
-            live(epoch, metrics)
-            mlflow_hook(epoch, metrics)
-
-        yield both
+    with dvclive_epochs(f"dvclive/{role}") as live:
+        yield live
 
 
 def finish(model: nn.Module, history: list[dict], weights: str, checkpoint: str, what: str) -> None:

@@ -1,9 +1,9 @@
 """Stage evaluate: test-split metrics of teacher and student, reliability and confusion plot data."""
 
+import numpy as np
 
 from bayeskd import data, metrics, nets
 from bayeskd.io import csv_text, json_text, outputs
-from bayeskd.tracking import mlflow_run
 from bayeskd.train import predict
 from common import DATA, STUDENT, TEACHER, build, params, stage, tensors
 
@@ -25,18 +25,16 @@ def main() -> None:
     out["agreement"] = float((probs["teacher"].argmax(1) == probs["student"].argmax(1)).mean())
     if "bayes_accuracy" in ds.info:
         out["bayes_accuracy"] = ds.info["bayes_accuracy"]
-    predicted = probs["student"].argmax(1)
+    counts = np.zeros((ds.num_classes, ds.num_classes), dtype=int)  # [actual, predicted]
+    np.add.at(counts, (test.y, probs["student"].argmax(1)), 1)
     with outputs() as files:  # the plot data, then the metrics: all new or all old
         for role in ("teacher", "student"):
             files.text(f"{PLOTS}/reliability_{role}.csv",
                        csv_text(metrics.reliability(probs[role], test.y, bins)))
         files.text(f"{PLOTS}/confusion_student.csv",
-                   csv_text([{"actual": int(a), "predicted": int(b)}
-                             for a, b in zip(test.y, predicted, strict=True)]))
+                   csv_text([{"actual": a, "predicted": b, "count": int(counts[a, b])}
+                             for a in range(ds.num_classes) for b in range(ds.num_classes)]))
         files.text(METRICS, json_text(out))
-    with mlflow_run() as run:
-        run.log_metrics(out)
-        run.log_artifacts(METRICS, PLOTS, "dvclive")
     for role in ("teacher", "student"):
         shown = " ".join(f"{k} {v:.4f}" for k, v in out[role].items())
         print(f"{role}: {shown}")

@@ -1,7 +1,6 @@
 """Stage prepare: make the dataset, validate every split with Great Expectations, write data/prepared."""
 
 from bayeskd import data
-from bayeskd.tracking import mlflow_run
 from bayeskd.validation import DataValidationError, validate
 from common import DATA, fail, params, stage
 
@@ -19,8 +18,6 @@ def main() -> None:
     except DataValidationError as e:
         fail(f"dataset {ds.name!r} failed validation (full results in {REPORT}):\n{e}")
     data.save(ds, DATA)
-    with mlflow_run() as run:
-        run.log_artifacts(REPORT)
     sizes = ", ".join(f"{k} {len(s.y)}" for k, s in ds.splits.items())
     extra = f", Bayes accuracy {ds.info['bayes_accuracy']:.4f}" if "bayes_accuracy" in ds.info else ""
     print(f"prepared {ds.name}: {sizes}; {ds.num_classes} classes, input {ds.in_shape}{extra}")

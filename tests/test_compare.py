@@ -4,6 +4,7 @@ second commit; with the MLflow store that the runs filled."""
 import csv
 import io
 import json
+import re
 import statistics
 import time
 
@@ -43,10 +44,12 @@ def test_seed_sweep_compare_diff_and_tracking(project):
     exp_names = {r.rsplit("/", 1)[1] for r in refs}
     assert len(exp_names) == 4
 
-    accuracy = {}  # (loss, seed) -> student accuracy, from the files in git
+    accuracy, ece = {}, {}  # (loss, seed) -> student accuracy; ce seed -> teacher ECE (git's files)
     for ref in [first, *refs]:
         params, metrics = files_at(project, ref)
         accuracy[params["teacher"]["loss"], params["seed"]] = metrics["student"]["accuracy"]
+        if params["teacher"]["loss"] == "ce":
+            ece[params["seed"]] = metrics["teacher"]["ece"]
     assert set(accuracy) == {(loss, seed) for loss in ("ce", "mse") for seed in (0, 1)}
 
     out = run(["bayeskd", "compare", "--format", "csv", "--plot", "reports/compare"], project).stdout
@@ -60,6 +63,27 @@ def test_seed_sweep_compare_diff_and_tracking(project):
         rows["mse"]["diff_vs_ce_ci_high"])
     assert (project / "reports/compare/student_vs_teacher.png").stat().st_size > 10_000
     assert "± " in run(["bayeskd", "compare"], project).stdout  # the terminal table
+
+    # Other code, same parameters (as after `make run` on another machine): the workspace's
+    # evaluation takes one more ECE bin. Its run is shown apart, the sweep's pairs stay intact.
+    evaluate = project / "stages/evaluate.py"
+    code = evaluate.read_text()
+    evaluate.write_text(code.replace("bins = p.evaluate.ece_bins", "bins = p.evaluate.ece_bins + 1"))
+    run(["dvc", "repro"], project)
+    result = run(["bayeskd", "compare", "--format", "csv"], project)
+    rows = {(r["configuration"].rsplit(" [", 1)[1].rstrip("]"), r["teacher_loss"]): r
+            for r in csv.DictReader(io.StringIO(result.stdout))}
+    assert set(rows) == {("experiments of main", "ce"), ("experiments of main", "mse"), ("workspace", "ce")}
+    assert rows["experiments of main", "mse"]["diff_vs_ce_n"] == "2"
+    assert float(rows["experiments of main", "ce"]["teacher_ece"]) == pytest.approx(statistics.fmean(
+        [ece[s] for s in (0, 1)]))
+    workspace = json.loads((project / "reports/metrics.json").read_text())
+    assert float(rows["workspace", "ce"]["teacher_ece"]) == pytest.approx(workspace["teacher"]["ece"])
+    assert "have the same parameters but different metrics" in result.stderr
+    command = re.search(r"compare them: `(dvc exp diff [^`]+)`", result.stderr).group(1)
+    assert "teacher.ece" in run(command.split(), project).stdout  # the command compares the two
+    evaluate.write_text(code)
+    run(["dvc", "repro"], project)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["student"]["method"] = "none"

@@ -219,22 +219,3 @@ def test_a_damaged_prepared_split_is_named(project):
     assert result.returncode == 2
     one_error_line(result, "data/prepared/train.npz: damaged")
 
-
-def test_a_resumed_run_logs_each_epoch_to_mlflow_once(tmp_path, monkeypatch):
-    import mlflow
-
-    from bayeskd import tracking
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
-    ids = []
-    for epochs in (3, 5):  # killed after epoch 3; the rerun replays epochs 1-3 from its checkpoint
-        with tracking.mlflow_run() as r:
-            hook = r.epoch_hook("teacher")
-            for epoch in range(epochs):
-                hook(epoch, {"train/loss": 1.0 / (epoch + 1), "lr": 0.1})
-            ids.append(r.run_id)
-    assert ids[0] == ids[1]  # the same pipeline execution, the same run
-    history = mlflow.MlflowClient().get_metric_history(ids[0], "teacher/train/loss")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]

@@ -1,8 +1,10 @@
 import csv
 import io
 import math
+from dataclasses import replace
 
 import pytest
+import yaml
 from scipy.stats import t
 
 from bayeskd import report
@@ -49,11 +51,55 @@ def test_formats_carry_the_same_numbers():
     assert parsed[2]["student_accuracy_sd"] == "" and parsed[2]["diff_vs_ce_n"] == ""
 
 
-def test_a_run_listed_twice_counts_once_and_conflicts_warn():
-    same = run("workspace", "ce", 0, 0.50)
-    assert len(report.unique(RUNS + [same])) == len(RUNS)
-    with pytest.warns(UserWarning, match="a and other have the same parameters but different metrics"):
-        assert len(report.unique(RUNS + [run("other", "ce", 0, 0.99)])) == len(RUNS)
+def test_a_run_listed_twice_counts_once_under_its_commit_name():
+    head = [replace(r, origin="main") for r in RUNS]
+    workspace = replace(run("workspace", "ce", 0, 0.50), origin="workspace")  # holds commit a
+    kept = report.unique([workspace, *head])
+    assert sorted(r.rev for r in kept) == sorted(r.rev for r in RUNS) and {r.source for r in kept} == {""}
+
+
+KD, NONE = (f"gaussian: mlp_teacher -> mlp_student ({m}) student.method={m}" for m in ("kd", "none"))
+
+
+def test_runs_from_another_machine_are_shown_apart_by_origin():
+    """`make run` on another machine: the workspace re-ran main's configuration and got other
+    weights. Its row is shown beside main's: not pooled, nor dropped."""
+    head = [replace(r, origin="main") for r in RUNS]
+    workspace = replace(run("workspace", "ce", 0, 0.49), origin="workspace")
+    with pytest.warns(UserWarning, match=r"a and workspace have the same parameters but different "
+                      r"metrics \(other code, or another machine\).*shown apart.*`dvc exp diff a`"):
+        rows = report.summarise([workspace, *head])
+    assert {(r.config, r.loss): r.student_accuracy for r in rows} == {
+        (f"{KD} [main]", "ce"): [0.50, 0.52, 0.51], (f"{KD} [main]", "mse"): [0.51, 0.55, 0.53],
+        (f"{KD} [workspace]", "ce"): [0.49],
+        (NONE, "mse"): [0.60]}  # no conflict in this configuration: not split, not labelled
+    assert "[workspace]" in report.to_table(rows)
+
+
+def test_a_commit_from_another_machine_and_experiments_run_here_are_shown_apart():
+    """The issue's case: main's committed run came from another machine; its experiments, the
+    seed sweep, ran here, and the one equal to main disagrees with it."""
+    main = replace(run("main", "ce", 0, 0.50), origin="main")
+    here = [replace(r, origin="experiments of main") for r in
+            (run("x0", "ce", 0, 0.49), run("x1", "ce", 1, 0.52), run("y0", "mse", 0, 0.51),
+             run("y1", "mse", 1, 0.54))]
+    with pytest.warns(UserWarning, match=r"x0 and main have the same parameters.*`dvc exp diff x0 main`"):
+        rows = report.summarise([main, *here])
+    kd = "gaussian: mlp_teacher -> mlp_student (kd)"
+    assert [(r.config, r.loss, r.student_accuracy, r.diff) for r in rows] == [
+        (f"{kd} [experiments of main]", "ce", [0.49, 0.52], []),
+        (f"{kd} [experiments of main]", "mse", [0.51, 0.54], pytest.approx([0.02, 0.02])),
+        (f"{kd} [main]", "ce", [0.50], [])]
+
+
+def test_a_conflict_within_one_revision_keeps_the_first_and_names_the_command():
+    twins = [replace(run("exp-a", "ce", 0, 0.50), origin="experiments of main"),
+             replace(run("exp-b", "ce", 0, 0.99), origin="experiments of main")]
+    with pytest.warns(UserWarning, match="exp-a and exp-b have the same parameters and origin "
+                      r"\(experiments of main\) but different metrics; using exp-a .*"
+                      "`dvc exp diff exp-a exp-b`"):
+        kept = report.unique(twins)
+    assert [r.rev for r in kept] == ["exp-a"]
 
 
 def test_runs_in_reads_dvc_exp_show_json():
@@ -66,13 +112,18 @@ def test_runs_in_reads_dvc_exp_show_json():
                  {"revs": [node("1" * 40, "exp-a", "mse")]},
                  {"revs": [{"rev": "2" * 40, "name": "failed", "data": {"params": {}, "metrics": {}}}]}]}]
     runs = report.runs_in(shown)
-    assert [(r.rev, r.params["teacher"]["loss"]) for r in runs] == [
-        ("workspace", "ce"), ("0000000", "ce"), ("exp-a", "mse")]
+    assert [(r.rev, r.origin, r.params["teacher"]["loss"]) for r in runs] == [
+        ("workspace", "workspace", "ce"), ("0000000", "0000000", "ce"),
+        ("exp-a", "experiments of 0000000", "mse")]
 
 
-def test_plot_writes_png_and_points(tmp_path):
+def test_plot_writes_png_points_and_their_dvc_plots(tmp_path):
     png = report.plot(RUNS, tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     points = list(csv.DictReader(open(tmp_path / "points.csv")))
     assert len(points) == len(RUNS)
     assert {p["teacher_loss"] for p in points} == {"ce", "mse"}
+    plots = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["plots"]
+    assert [next(iter(p)) for p in plots] == ["student_vs_teacher_bcpd_mse", "student_vs_teacher_ece"]
+    assert all(d["template"] == "by_teacher_loss" and d["y"] == {"points.csv": "student_accuracy"}
+               for p in plots for d in p.values())

@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from bayeskd import config, report
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
@@ -31,7 +33,15 @@ def _table(markdown: str) -> str:
 
 
 def preset(args: argparse.Namespace) -> str:
-    return " ".join(config.preset_args(args.name, Path(args.repo) / config.PRESETS_FILE)) + "\n"
+    path = Path(args.repo) / config.PRESETS_FILE
+    if not path.is_file():
+        raise config.ParamsError(f"{path} not found: run in the project, or pass --repo")
+    if args.list:
+        pairs = yaml.safe_load(path.read_text())["pairs"]
+        return "".join(f"{name}: {p['teacher.net']} -> {p['student.net']}\n" for name, p in pairs.items())
+    if not args.name:
+        raise config.ParamsError("name a preset, or list them with `bayeskd preset --list`")
+    return " ".join(config.preset_args(args.name, path)) + "\n"
 
 
 def diff(args: argparse.Namespace) -> str:
@@ -67,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("preset", help="print `dvc exp run` overrides (-S key=value ...) of a preset "
                        "from presets.yaml: dvc exp run $(bayeskd preset NAME)")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the presets")
     p.set_defaults(run=preset)
 
     d = sub.add_parser("diff", help="Markdown: params and metrics diff plus the comparison table, "

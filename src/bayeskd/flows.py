@@ -177,8 +177,7 @@ def _link_mlflow(root: Path, names: list[str], table: Path, title: str) -> None:
     import mlflow
 
     try:
-        mlflow.set_tracking_uri(tracking.tracking_uri(root))
-        mlflow.set_experiment(tracking.EXPERIMENT)
+        tracking.set_experiment(tracking.tracking_uri(root))
         client = mlflow.MlflowClient()
         with mlflow.start_run(run_name=title) as parent:
             mlflow.log_param("variants", ",".join(names))

@@ -4,6 +4,11 @@ Runs are read from `dvc exp show --json` (params and metrics per revision). Runs
 configurations: all parameters except `teacher.loss`, `seed` and `export.*`. Within a configuration
 the student accuracy of each teacher loss is summarised over seeds, and MSE is compared with CE by
 the paired difference over the seeds both have, with a 95% Student-t interval.
+
+Runs with the same parameters but different metrics come from other code or another machine (CPU
+training repeats bit for bit only on the same machine). They are not pooled, nor dropped: their
+configuration is shown once per origin (the workspace, a commit, or the experiments of a commit),
+each labelled with it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import math
 import statistics
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import yaml
 
 from bayeskd.io import run
 from bayeskd.tracking import flatten
@@ -30,33 +37,36 @@ class Run:
     rev: str
     params: dict
     metrics: dict
+    origin: str = ""  # "workspace", a commit's name, or "experiments of <commit's name>"
+    source: str = ""  # set to the origin where runs of its parameters disagree (see `unique`)
 
 
 def dvc(*args: str, repo: str | Path = ".") -> str:
     return run([sys.executable, "-m", "dvc", *args], repo)
 
 
-def runs_in(exp_show: object) -> list[Run]:
-    """Every revision with params and metrics in `dvc exp show --json` output."""
+def _name(node: dict) -> str:
+    rev = str(node.get("rev", ""))
+    return node.get("name") or (rev[:7] if len(rev) == 40 else rev)
+
+
+def runs_in(exp_show: list) -> list[Run]:
+    """Every revision with params and metrics in `dvc exp show --json` output: the workspace, the
+    commits, and each commit's experiments."""
     found: list[Run] = []
 
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            data = node.get("data")
-            if isinstance(data, dict) and "params" in data and "metrics" in data:
-                metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
-                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-                if metrics and params:
-                    rev = str(node.get("rev", ""))
-                    found.append(Run(node.get("name") or (rev[:7] if len(rev) == 40 else rev),
-                                     params, metrics))
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
+    def add(node: dict, origin: str) -> None:
+        data = node.get("data") or {}
+        metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+        if metrics and params:
+            found.append(Run(_name(node), params, metrics, origin))
 
-    walk(exp_show)
+    for top in exp_show:
+        add(top, _name(top))
+        for exp in top.get("experiments") or []:
+            for node in exp.get("revs") or []:
+                add(node, f"experiments of {_name(top)}")
     return found
 
 
@@ -68,19 +78,42 @@ def collect(repo: str | Path = ".", revs: tuple[str, ...] = (), all_commits: boo
     return runs_in(json.loads(dvc(*args, repo=repo)))
 
 
+def _compare_command(a: Run, b: Run) -> str:
+    """What shows two runs' differences (`dvc exp diff REV` compares REV with the workspace)."""
+    return " ".join(["dvc", "exp", "diff", *(r.rev for r in (a, b) if r.rev != "workspace")])
+
+
 def unique(runs: list[Run]) -> list[Run]:
-    """One run per (configuration, teacher loss, seed). A revision listed twice (the workspace and
-    the commit or experiment it holds) counts once; two revisions with the same parameters but
-    different metrics (code changed between them) keep the first, with a warning."""
+    """One run per (configuration, teacher loss, seed, source). A revision listed twice (the
+    workspace and the commit or experiment it holds) counts once. Where runs of the same parameters
+    from different origins have different metrics (other code, or another machine), every run of
+    that configuration gets its origin as `source`, so that summarise() shows each origin in rows
+    of its own, and a warning says so; two such runs of the same origin (two experiments) keep the
+    first. Both warnings name the command that compares the two runs."""
+    distinct: dict[tuple, list[Run]] = {}
+    # of identical runs keep an experiment's, else a commit's: the workspace holds a copy of either
+    for r in sorted(runs, key=lambda r: (r.origin == "workspace", not r.origin.startswith("experiments"))):
+        key = (config_key(r.params), r.params["teacher"]["loss"], int(r.params["seed"]), r.source)
+        same = distinct.setdefault(key, [])
+        if all(o.metrics != r.metrics for o in same):
+            same.append(r)
+    clashes = {key[0]: rs for key, rs in distinct.items() if len({r.origin for r in rs}) > 1}
     kept: dict[tuple, Run] = {}
-    for r in runs:
-        key = (config_key(r.params), r.params["teacher"]["loss"], int(r.params["seed"]))
-        if key not in kept:
-            kept[key] = r
-        elif kept[key].metrics != r.metrics:
-            warnings.warn(f"{kept[key].rev} and {r.rev} have the same parameters but different "
-                          f"metrics; using {kept[key].rev} (compare them with separate commands)",
-                          stacklevel=2)
+    for key, rs in distinct.items():
+        for r in rs:
+            source = r.origin if key[0] in clashes else r.source
+            if (*key, source) in kept:
+                first = kept[(*key, source)]
+                warnings.warn(f"{first.rev} and {r.rev} have the same parameters and origin "
+                              f"({r.origin}) but different metrics; using {first.rev} (compare them: "
+                              f"`{_compare_command(first, r)}`)", stacklevel=2)
+            else:
+                kept[(*key, source)] = replace(r, source=source)
+    for a, *others in clashes.values():
+        b = next(r for r in others if r.origin != a.origin)
+        warnings.warn(f"{a.rev} and {b.rev} have the same parameters but different metrics (other "
+                      "code, or another machine): their runs are shown apart, in rows labelled by "
+                      f"origin (compare them: `{_compare_command(a, b)}`)", stacklevel=2)
     return list(kept.values())
 
 
@@ -131,19 +164,19 @@ def summarise(runs: list[Run]) -> list[Row]:
     groups: dict[tuple, dict[str, dict[int, Run]]] = {}
     example: dict[tuple, dict] = {}
     for r in unique(runs):
-        key = config_key(r.params)
+        key = (config_key(r.params), r.source)
         example.setdefault(key, r.params)
         groups.setdefault(key, {}).setdefault(r.params["teacher"]["loss"], {})[int(r.params["seed"])] = r
     # name configurations by the parameters that tell them apart
     values: dict[str, set] = {}
-    for key in groups:
-        for k, v in key:
+    for config, _ in groups:
+        for k, v in config:
             values.setdefault(k, set()).add(v)
     varying = {k for k, v in values.items() if len(v) > 1}
 
     rows = []
     for key, by_loss in groups.items():
-        label = _label(example[key], varying)
+        label = _label(example[key], varying) + (f" [{key[1]}]" if key[1] else "")
         for loss in sorted(by_loss, key=lambda x: (x != "ce", x)):
             seeds = sorted(by_loss[loss])
             m = [by_loss[loss][s].metrics for s in seeds]
@@ -214,20 +247,24 @@ def to_csv(rows: list[Row]) -> str:
 
 
 FORMATS = {"table": to_table, "md": to_markdown, "csv": to_csv}
+DVC_PLOTS_HEADER = ("# Written by `bayeskd compare --plot`: DVC plots of points.csv, one point per run "
+                    "(template .dvc/plots/by_teacher_loss.json).\n")
 
 
 def plot(runs: list[Run], directory: str | Path) -> Path:
-    """Student accuracy against teacher bcpd_mse and teacher ECE, one point per run: a PNG and the
-    points as CSV (`reports/compare/points.csv` is a DVC plot in dvc.yaml)."""
+    """Student accuracy against teacher bcpd_mse and teacher ECE, one point per run: a PNG, the
+    points as CSV, and beside them a dvc.yaml declaring the same charts as DVC plots (colour =
+    teacher loss), so `dvc plots show` draws them wherever the directory is in the project."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bayeskd.io import atomic_path, write_csv
+    from bayeskd.io import atomic_path, write_csv, write_text
 
     directory = Path(directory)
-    points = [{"rev": r.rev, "teacher_loss": r.params["teacher"]["loss"], "seed": r.params["seed"],
+    points = [{"run": r.rev, "source": r.source, "teacher_loss": r.params["teacher"]["loss"],
+               "seed": r.params["seed"],
                "teacher_bcpd_mse": r.metrics["teacher"].get("bcpd_mse"),
                "teacher_ece": r.metrics["teacher"]["ece"],
                "student_accuracy": r.metrics["student"]["accuracy"]} for r in unique(runs)]
@@ -235,6 +272,10 @@ def plot(runs: list[Run], directory: str | Path) -> Path:
 
     panels = [("teacher_bcpd_mse", "teacher bcpd_mse (distance to p*)"), ("teacher_ece", "teacher ECE")]
     panels = [p for p in panels if any(pt[p[0]] is not None for pt in points)]
+    write_text(directory / "dvc.yaml", DVC_PLOTS_HEADER + yaml.safe_dump({"plots": [
+        {f"student_vs_{key}": {"template": "by_teacher_loss", "x": key, "x_label": label,
+                                "y": {"points.csv": "student_accuracy"}, "y_label": "student accuracy"}}
+        for key, label in panels]}, sort_keys=False))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         for loss, marker in (("ce", "o"), ("mse", "s"), ("ls", "^")):

@@ -1,29 +1,40 @@
-"""Run tracking: per-epoch curves through DVCLive, and one MLflow run per pipeline execution.
+"""Run tracking: per-epoch curves through DVCLive, and one complete MLflow run per pipeline execution.
 
-Each stage that runs logs into the MLflow run of its pipeline execution, found by a key made of the
-git commit, the DVC experiment name and the contents of params.yaml (so the stages of one
-`dvc repro` or `dvc exp run` share a run). The default store is `mlflow.db` (SQLite) in the project
-root, also when DVC runs an experiment in a temporary directory; MLFLOW_TRACKING_URI overrides it.
-Tracking never fails a stage: an error is reported once on stderr and tracking stops there.
+The training stages write their curves with DVCLive only. The last stage, export_onnx, writes the
+MLflow run in one go from the workspace's files: parameters, the curves (from dvclive/), the test
+metrics (reports/metrics.json), reports/ and dvclive/ as artifacts, and the ONNX student as a
+registered model. So a run is complete or absent: an execution whose export_onnx does not run (DVC
+restores it from its run cache, or the student did not change) logs nothing, as its results are
+those of an earlier execution. The default store is `mlflow.db` (SQLite) in the project root, also
+when DVC runs an experiment in a temporary directory; MLFLOW_TRACKING_URI overrides it. Tracking
+never fails a stage: an error is reported once on stderr, and the run, if started, is marked FAILED.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from bayeskd.train import EpochHook
 
 EXPERIMENT = "bayeskd"
 MODEL_NAME = "bayeskd-student"
-MAIN_ALIAS = "main"  # the registered student of the latest run on the main branch
+MAIN_ALIAS = "main"  # the newest student built on branch main (see Run._is_main)
+# The experiment opens on training runs in the MLflow UI (not on its GenAI traces view).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# Shown as tags of each registered model version, so versions tell themselves apart.
+VERSION_TAGS = ("teacher.loss", "seed", "data.name", "teacher.net", "student.net", "student.method")
 
 
 @contextlib.contextmanager
@@ -44,7 +55,7 @@ def dvclive_epochs(directory: str | Path) -> Iterator[EpochHook]:
             if live is None:
                 live = stack.enter_context(Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False,
                                                 report=None))
-            live.step = epoch
+            live.step = epoch + 1  # epochs count from 1, as the training log prints them
             for key, value in metrics.items():
                 live.log_metric(key, value)
             live.make_summary()
@@ -87,15 +98,41 @@ def _data_hash(directory: str = "data/prepared") -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()[:16]
 
 
-class Run:
-    """The MLflow run of this pipeline execution. Every method is safe: failures only warn."""
+def set_experiment(uri: str | None = None):
+    """The bayeskd experiment of the store at `uri` (default: tracking_uri()), made active; created
+    as a training experiment, not a GenAI one."""
+    import mlflow
 
-    def __init__(self, params: dict, params_text: str):
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    if KIND_TAG not in experiment.tags:
+        mlflow.set_experiment_tag(KIND_TAG, KIND)
+    return experiment
+
+
+def read_curves(directory: str | Path, prefix: str) -> list[tuple[str, float, int]]:
+    """(key, value, step) of every DVCLive curve under `directory`: plots/metrics/train/loss.tsv
+    becomes `<prefix>/train/loss`."""
+    root = Path(directory) / "plots" / "metrics"
+    out = []
+    for tsv in sorted(root.rglob("*.tsv")):
+        key = f"{prefix}/{tsv.relative_to(root).with_suffix('').as_posix()}"
+        with open(tsv, newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                out.append((key, float(row[tsv.stem]), int(row["step"])))
+    return out
+
+
+class Run:
+    """The MLflow run of one pipeline execution. Every method is safe: failures only warn."""
+
+    def __init__(self, params: dict):
         self.active = True
         self.params = params
         self.commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
         self.exp_name = os.environ.get("DVC_EXP_NAME", "")
-        self.key = hashlib.sha256(f"{self.commit}\n{self.exp_name}\n{params_text}".encode()).hexdigest()
         self.run_id: str | None = None
 
     def _safely(self, what: str, fn, *args, **kwargs):
@@ -116,43 +153,35 @@ class Run:
     def _start(self) -> None:
         import mlflow
 
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        mlflow.set_tracking_uri(tracking_uri())
-        experiment = mlflow.set_experiment(EXPERIMENT)
-        found = mlflow.search_runs([experiment.experiment_id], output_format="list", max_results=1,
-                                   filter_string=f"tags.`bayeskd.run_key` = '{self.key}'")
-        tags = {"bayeskd.run_key": self.key, "git.commit": self.commit,
-                "dvc.experiment": self.exp_name, "data.hash": _data_hash(),
-                "git.branch": _git("rev-parse", "--abbrev-ref", "HEAD")}
-        run = mlflow.start_run(run_id=found[0].info.run_id) if found else mlflow.start_run(
-            run_name=self.exp_name or None, tags=tags)
+        set_experiment()
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        tags = {"git.commit": self.commit, "dvc.experiment": self.exp_name, "data.hash": _data_hash(),
+                "git.branch": branch}
+        run = mlflow.start_run(run_name=self.exp_name or f"{branch or 'HEAD'}@{self.commit[:7]}",
+                               tags={k: v for k, v in tags.items() if k != "data.hash" or v})
         self.run_id = run.info.run_id
-        mlflow.set_tags({k: v for k, v in tags.items() if k != "data.hash" or v})
         mlflow.log_params(flatten(self.params))
 
-    def epoch_hook(self, prefix: str) -> EpochHook:
-        """Logs each epoch's metrics once: a resumed run replays its restored epochs, which an
-        earlier attempt of this pipeline execution has already logged into this run."""
+    def log_metrics(self, metrics: dict, model_id: str | None = None) -> None:
+        """Final metrics (step 0); with `model_id`, as that logged model's metrics too."""
+        self._safely("logging metrics", self._log_batch,
+                     [(k, v, 0) for k, v in flatten(metrics).items()], model_id)
+
+    def log_curves(self, directory: str | Path, prefix: str) -> None:
+        """The DVCLive curves under `directory` as MLflow metric histories `<prefix>/...`."""
+        self._safely(f"logging the curves of {directory}", self._log_batch, read_curves(directory, prefix))
+
+    def _log_batch(self, items: list[tuple[str, float, int]], model_id: str | None = None) -> None:
+        # the client, not mlflow.log_metrics: that one links every metric of a step at which a
+        # model was logged to that model, so the student model would list the teacher's metrics
         import mlflow
+        from mlflow.entities import Metric
 
-        logged = self._safely("reading the run", self._logged_epochs, f"{prefix}/lr") or set()
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            if epoch not in logged:
-                self._safely("logging metrics", mlflow.log_metrics,
-                             {f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
-        return on_epoch
-
-    def _logged_epochs(self, key: str) -> set[int]:
-        import mlflow
-
-        return {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, key)}
-
-    def log_metrics(self, metrics: dict) -> None:
-        import mlflow
-
-        self._safely("logging metrics", mlflow.log_metrics, flatten(metrics))
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step, model_id=model_id) for k, v, step in items]
+        client = mlflow.MlflowClient()
+        for i in range(0, len(batch), 1000):  # the store's limit per call
+            client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def log_artifacts(self, *paths: str) -> None:
         import mlflow
@@ -161,39 +190,68 @@ class Run:
             log = mlflow.log_artifacts if Path(p).is_dir() else mlflow.log_artifact
             self._safely(f"logging {p}", log, p, Path(p).parent.as_posix() if Path(p).is_file() else p)
 
-    def register_onnx(self, path: str, example) -> str | None:
-        """Log the ONNX file as an MLflow model, register it, and on the main branch outside
-        experiments point the `main` alias at the new version. Returns the version."""
-        return self._safely("registering the ONNX model", self._register_onnx, path, example)
+    def register_onnx(self, path: str, example: np.ndarray, metrics: dict) -> str | None:
+        """Log the ONNX file as an MLflow model with `metrics` (its own, linked to it), register
+        it with tags that tell its version apart, and point the `main` alias at it on branch main
+        (see `_is_main`). Returns the version."""
+        return self._safely("registering the ONNX model", self._register_onnx, path, example, metrics)
 
-    def _register_onnx(self, path: str, example) -> str:
+    def _register_onnx(self, path: str, example: np.ndarray, metrics: dict) -> str:
         import mlflow
         import onnx
+        import onnxruntime as ort
         from mlflow.models import infer_signature
 
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        inputs = {session.get_inputs()[0].name: example}
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))
         info = mlflow.onnx.log_model(
-            onnx.load(path), name="student", registered_model_name=MODEL_NAME,
-            signature=infer_signature(example), pip_requirements=["onnxruntime"],
-            save_as_external_data=False,
+            onnx.load(path), name="student", signature=infer_signature(inputs, outputs),
+            pip_requirements=["onnxruntime"], save_as_external_data=False,
         )
-        version = str(info.registered_model_version)
+        self._log_batch([(k, v, 0) for k, v in flatten(metrics).items()], model_id=info.model_id)
+        flat = flatten(self.params)
+        tags = {k: flat[k] for k in VERSION_TAGS if k in flat} | {
+            "dvc.experiment": self.exp_name or "none", "git.commit": self.commit}
+        version = mlflow.register_model(info.model_uri, MODEL_NAME, tags=tags).version
+        client = mlflow.MlflowClient()
+        client.update_model_version(MODEL_NAME, version, description=(
+            f"{flat.get('teacher.loss')} teacher, seed {flat.get('seed')}: {flat.get('teacher.net')} -> "
+            f"{flat.get('student.net')} ({flat.get('student.method')}) on {flat.get('data.name')}; "
+            f"{self.exp_name or 'no DVC experiment'}, commit {self.commit[:7]}"))
+        if self._is_main():
+            client.set_registered_model_alias(MODEL_NAME, MAIN_ALIAS, version)
+        return str(version)
+
+    def _is_main(self) -> bool:
+        """A run of branch main: `dvc repro` on a checkout of main (outside experiments), or any run
+        at the tip of main with the parameters committed there (the nightly flow, which runs as an
+        experiment on a detached checkout). Runs with overrides never are."""
+        import yaml
+
         if _git("rev-parse", "--abbrev-ref", "HEAD") == "main" and not self.exp_name:
-            mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, MAIN_ALIAS, version)
-        return version
+            return True
+        tips = {_git("rev-parse", "--verify", "-q", ref) for ref in ("main", "origin/main")} - {""}
+        if not self.commit or self.commit not in tips:
+            return False
+        return yaml.safe_load(_git("show", f"{self.commit}:params.yaml") or "null") == self.params
 
     def end(self) -> None:
         import mlflow
 
-        self._safely("ending the run", mlflow.end_run)
+        if self.run_id is None:
+            return
+        status = "FINISHED" if self.active else "FAILED"
+        with contextlib.suppress(Exception):  # a store that failed once has been reported
+            mlflow.end_run(status=status)
 
 
 @contextlib.contextmanager
 def mlflow_run(params_file: str = "params.yaml") -> Iterator[Run]:
-    """The MLflow run of this pipeline execution, with all parameters logged."""
+    """A new MLflow run for this pipeline execution, with all parameters logged."""
     import yaml
 
-    text = Path(params_file).read_text()
-    run = Run(yaml.safe_load(text), text).start()
+    run = Run(yaml.safe_load(Path(params_file).read_text())).start()
     try:
         yield run
     finally:
