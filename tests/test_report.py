@@ -127,3 +127,17 @@ def test_plot_writes_png_points_and_their_dvc_plots(tmp_path):
     assert [next(iter(p)) for p in plots] == ["student_vs_teacher_bcpd_mse", "student_vs_teacher_ece"]
     assert all(d["template"] == "by_teacher_loss" and d["y"] == {"points.csv": "student_accuracy"}
                for p in plots for d in p.values())
+
+
+def test_gain_against_gap_pairs_each_loss_with_the_ce_teacher_of_its_configuration(tmp_path):
+    runs = [*RUNS[:6], run("h", "ls", 0, 0.49, bcpd=0.08), run("i", "ls", 1, 0.50, bcpd=0.08)]
+    runs[3:6] = [replace(r, metrics={**r.metrics, "teacher": {**r.metrics["teacher"], "bcpd_mse": 0.03}})
+                 for r in runs[3:6]]
+    points = {p["loss"]: p for p in report.gain_vs_gap(report.summarise(runs))}
+    assert set(points) == {"mse", "ls"}
+    assert points["mse"]["gap"] == pytest.approx(0.03 - 0.05) and points["mse"]["gain"] == pytest.approx(0.02)
+    assert points["mse"]["low"] < 0.02 < points["mse"]["high"] and points["mse"]["n"] == 3
+    assert points["ls"]["gap"] == pytest.approx(0.03) and points["ls"]["gain"] == pytest.approx(-0.015)
+    png = report.effect_plot(report.summarise(runs), tmp_path / "gain.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert report.effect_plot(report.summarise(RUNS[:3]), tmp_path / "none.png") is None  # CE runs only

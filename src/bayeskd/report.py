@@ -293,4 +293,59 @@ def plot(runs: list[Run], directory: str | Path) -> Path:
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+    effect_plot(summarise(runs), directory / "gain_vs_gap.png")
     return png
+
+
+def gain_vs_gap(rows: list[Row]) -> list[dict]:
+    """Per configuration and teacher loss other than CE: how much closer to p* its teacher is than the
+    CE teacher (the difference of mean bcpd_mse; negative: closer), and the paired student difference
+    with its 95% interval. Configurations without p* or without paired CE runs have no point."""
+    ce = {r.config: r for r in rows if r.loss == "ce"}
+    points = []
+    for r in rows:
+        base = ce.get(r.config)
+        if r.loss == "ce" or not r.diff or base is None:
+            continue
+        if r.teacher_bcpd_mse is None or base.teacher_bcpd_mse is None:
+            continue
+        ci = t_interval(r.diff)
+        points.append({"config": r.config, "loss": r.loss, "gap": r.teacher_bcpd_mse - base.teacher_bcpd_mse,
+                       "gain": statistics.fmean(r.diff), "low": ci[0] if ci else None,
+                       "high": ci[1] if ci else None, "n": len(r.diff)})
+    return points
+
+
+def effect_plot(rows: list[Row], png: str | Path) -> Path | None:
+    """The effect map's figure: paired student gain over the CE teacher's student (95% interval)
+    against the teacher's bcpd_mse gap to the CE teacher, one point per configuration and loss."""
+    points = gain_vs_gap(rows)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayeskd.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for loss, marker in (("mse", "s"), ("ls", "^")):
+        pts = [p for p in points if p["loss"] == loss]
+        if not pts:
+            continue
+        errors = [[p["gain"] - p["low"] if p["low"] is not None else 0 for p in pts],
+                  [p["high"] - p["gain"] if p["high"] is not None else 0 for p in pts]]
+        ax.errorbar([p["gap"] for p in pts], [p["gain"] for p in pts], yerr=errors, fmt=marker,
+                    capsize=3, alpha=0.85, label=f"{loss} teacher vs ce teacher")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel("teacher bcpd_mse minus the CE teacher's (left: closer to p*)")
+    ax.set_ylabel("student accuracy minus the CE teacher's student\n(paired over seeds, 95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(png)
