@@ -45,6 +45,35 @@ class Gaussian(Section):
         return self
 
 
+class GaussianImages(Section):
+    """Synthetic CIFAR-format images with exact p* (bayeskd.synthetic): a latent Gaussian mixture per
+    class, a smooth random linear decoder and isotropic pixel noise."""
+
+    n_train: PositiveInt
+    n_val: Annotated[int, Field(ge=0)]  # 0: no validation split
+    n_test: PositiveInt
+    n_classes: Annotated[int, Field(ge=2)]
+    channels: PositiveInt
+    image_size: PositiveInt
+    latent_dim: PositiveInt
+    modes_per_class: PositiveInt
+    bayes_accuracy: Fraction  # the target; the latent spread is calibrated to it
+    smoothness: Annotated[float, Field(ge=0)]  # blur std of the decoder's fields, in pixels
+    margin: Annotated[int, Field(ge=0)]  # the fields are 0 this close to the border
+    contrast: Annotated[float, Field(gt=0, lt=0.5)]  # largest RMS deviation of a noise-free pixel from 0.5
+    pixel_noise: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _feasible(self) -> GaussianImages:
+        if self.bayes_accuracy <= 1 / self.n_classes:
+            raise ValueError(f"bayes_accuracy = {self.bayes_accuracy}: must be above chance, "
+                             f"1/n_classes = {1 / self.n_classes:.4g}")
+        if 2 * self.margin + 1 >= self.image_size:
+            raise ValueError(f"margin = {self.margin} leaves no pixels of a {self.image_size}-pixel image "
+                             "to the decoder's fields; use less than (image_size - 1) / 2")
+        return self
+
+
 class Digits(Section):
     val_fraction: Fraction
     test_fraction: Fraction
@@ -77,9 +106,10 @@ class Images(Section):
 
 
 class Data(Section):
-    name: Literal["gaussian", "digits", "cifar10", "cifar100", "imagefolder"]
+    name: Literal["gaussian", "gaussian_images", "digits", "cifar10", "cifar100", "imagefolder"]
     seed: Annotated[int, Field(ge=0)]
     gaussian: Gaussian
+    gaussian_images: GaussianImages
     digits: Digits
     images: Images
     augment: Augment

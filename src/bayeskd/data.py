@@ -1,7 +1,8 @@
 """Datasets, and the on-disk format of a prepared dataset.
 
 Embedded (no download): `gaussian`, the paper's synthetic benchmark with its exact Bayes class
-probability, and `digits`, scikit-learn's 8x8 digits. From disk through torchvision: `cifar10`,
+probability; `gaussian_images`, synthetic CIFAR-format images with exact p* (`bayeskd.synthetic`);
+and `digits`, scikit-learn's 8x8 digits. From disk through torchvision: `cifar10`,
 `cifar100` and `imagefolder`.
 
 A prepared dataset is a directory with `info.json` and one `<split>.npz` per split (train, test,
@@ -170,6 +171,10 @@ def make_imagefolder(cfg: Images, seed: int) -> Dataset:
 def make(cfg: Data) -> Dataset:
     if cfg.name == "gaussian":
         return make_gaussian(cfg.gaussian, cfg.seed)
+    if cfg.name == "gaussian_images":
+        from bayeskd.synthetic import make_gaussian_images
+
+        return make_gaussian_images(cfg.gaussian_images, cfg.seed)
     if cfg.name == "digits":
         return make_digits(cfg.digits, cfg.seed)
     if cfg.name == "imagefolder":
@@ -177,10 +182,18 @@ def make(cfg: Data) -> Dataset:
     return make_cifar(cfg.name, cfg.images, cfg.seed)
 
 
+def _to_uint8(x: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """round(x * 255) as uint8, a block of rows at a time (no full-size float temporaries)."""
+    out = np.empty(x.shape, np.uint8)
+    for i in range(0, len(x), rows):
+        out[i:i + rows] = np.round(x[i:i + rows] * 255)
+    return out
+
+
 def save(ds: Dataset, directory: str | Path) -> None:
     directory = Path(directory)
     for name, split in ds.splits.items():
-        x = np.round(split.x * 255).astype(np.uint8) if ds.info.get("uint8") else split.x
+        x = _to_uint8(split.x) if ds.info.get("uint8") else split.x
         arrays = {"x": x, "y": split.y} | ({"p": split.p} if split.p is not None else {})
         with atomic_path(directory / f"{name}.npz") as tmp:
             with open(tmp, "wb") as f:
