@@ -12,7 +12,7 @@ from scipy.stats import multivariate_normal
 from bayeskd import config, data, metrics, nets, synthetic
 from bayeskd.train import fit, predict
 from bayeskd.validation import validate
-from conftest import ROOT
+from conftest import ROOT, run, tiny_params
 
 
 def cfg(**kw) -> config.GaussianImages:
@@ -186,3 +186,43 @@ def test_bayes_rule_beats_trained_nets(large_test, tmp_path, net, epochs):
     assert bayes["nll"] < got["nll"] and bayes["brier"] < got["brier"] and got["bcpd_mse"] > 0.05
     if net == "mlp_teacher":
         assert history[-1]["train/acc"] > bayes["accuracy"] + 0.1
+
+
+def test_presets_are_valid():
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    presets = yaml.safe_load((ROOT / "presets.yaml").read_text())["synthetic"]
+    assert set(presets) == {"gaussian_images-gpu", "gaussian_images-cpu"}
+    for name in presets:
+        parsed = config.parse(config.with_overrides(base, config.preset(name, ROOT / "presets.yaml")))
+        assert parsed.data.name == "gaussian_images"
+    gpu, cpu = (config.parse(config.with_overrides(base, config.preset(f"gaussian_images-{kind}",
+                                                                       ROOT / "presets.yaml")))
+                for kind in ("gpu", "cpu"))
+    assert (gpu.teacher.net, gpu.student.net) == ("resnet32x4", "resnet8x4")
+    assert gpu.data.gaussian_images.n_train == 50_000 and gpu.teacher.optim.epochs == 240
+    assert gpu.data.augment.padding == 2 and cpu.data.augment.padding == 2
+    assert (cpu.teacher.net, cpu.student.net) == ("resnet8x4", "resnet8")
+    with pytest.raises(config.ParamsError, match="expected one of .*gaussian_images-gpu"):
+        config.preset("gaussian_images", ROOT / "presets.yaml")
+
+
+@pytest.mark.slow
+def test_gpu_preset_through_the_pipeline_with_tiny_sizes(project):
+    """The paper-scale preset (resnet32x4 -> resnet8x4, crop-and-flip views) on the CPU, through
+    `dvc repro`, with tiny sizes and one epoch."""
+    preset = config.preset("gaussian_images-gpu", ROOT / "presets.yaml")
+    tiny = {"data.gaussian_images.n_train": 100, "data.gaussian_images.n_test": 100,
+            "teacher.optim.epochs": 1, "student.optim.epochs": 1, "teacher.optim.milestones": [],
+            "student.optim.milestones": [], "cache.views": 2, "cache.min_accuracy": 0.0,
+            "export.max_abs_diff": 1e-2}  # one epoch on 100 images: batch-norm statistics are far off
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**(preset | tiny)), sort_keys=False))
+    out = run(["dvc", "repro"], project).stdout
+    assert "prepared gaussian_images: train 100, test 100; 10 classes, input (3, 32, 32)" in out
+    info = json.loads((project / "data/prepared/info.json").read_text())
+    m = json.loads((project / "reports/metrics.json").read_text())
+    assert m["bayes_accuracy"] == info["bayes_accuracy"]
+    for role in ("teacher", "student"):
+        assert 0 < m[role]["bcpd_mse"] < 2 and m[role]["accuracy"] < m["bayes_accuracy"]
+    manifest = json.loads((project / "cache/teacher_logits/manifest.json").read_text())
+    assert manifest["augmentation"] == {"name": "crop_flip", "padding": 2, "views": 50}
+    assert json.loads((project / "reports/validation.json").read_text())["success"]

@@ -259,11 +259,13 @@ PRESETS_FILE = "presets.yaml"
 
 
 def preset(name: str, path: str | Path = PRESETS_FILE) -> dict[str, object]:
-    """The dotted-key overrides of preset `name`: the shared recipe, then the pair's own values."""
+    """The dotted-key overrides of preset `name`: for a CIFAR pair the shared recipe, then the pair's
+    own values; a preset of the `synthetic` section is complete in itself."""
     presets = yaml.safe_load(Path(path).read_text())
-    if name not in presets["pairs"]:
-        raise ParamsError(f"preset {name!r} does not exist; expected one of {', '.join(presets['pairs'])}")
-    return presets["recipe"] | presets["pairs"][name]
+    named = {k: presets["recipe"] | v for k, v in presets["pairs"].items()} | presets.get("synthetic", {})
+    if name not in named:
+        raise ParamsError(f"preset {name!r} does not exist; expected one of {', '.join(named)}")
+    return dict(named[name])
 
 
 def preset_args(name: str, path: str | Path = PRESETS_FILE) -> list[str]:
