@@ -159,3 +159,13 @@ def test_one_cifar_pair_through_the_real_pipeline(project, monkeypatch):
     manifest = json.loads((project / "cache/teacher_logits/manifest.json").read_text())
     assert manifest["augmentation"] == {"name": "crop_flip", "padding": 4, "views": 162}
     assert manifest["num_samples"] == 200 and manifest["num_slots"] == 2
+
+
+def test_preset_list_names_every_preset(capsys):
+    from bayeskd import cli
+
+    cli.main(["--repo", str(ROOT), "preset", "--list"])
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == len(config.presets_in(ROOT / "presets.yaml")) == 13
+    assert "resnet32x4-resnet8x4: cifar100, resnet32x4 -> resnet8x4" in listed
+    assert "gaussian_images-cpu: gaussian_images, resnet8x4 -> resnet8" in listed

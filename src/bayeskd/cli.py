@@ -8,8 +8,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
 from bayeskd import config, report
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
@@ -37,8 +35,8 @@ def preset(args: argparse.Namespace) -> str:
     if not path.is_file():
         raise config.ParamsError(f"{path} not found: run in the project, or pass --repo")
     if args.list:
-        pairs = yaml.safe_load(path.read_text())["pairs"]
-        return "".join(f"{name}: {p['teacher.net']} -> {p['student.net']}\n" for name, p in pairs.items())
+        return "".join(f"{name}: {p['data.name']}, {p['teacher.net']} -> {p['student.net']}\n"
+                       for name, p in config.presets_in(path).items())
     if not args.name:
         raise config.ParamsError("name a preset, or list them with `bayeskd preset --list`")
     return " ".join(config.preset_args(args.name, path)) + "\n"

@@ -27,7 +27,7 @@ from pydantic import (
 
 PARAMS_FILE = "params.yaml"
 
-DATASETS = ("gaussian", "digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("gaussian", "gaussian_images", "digits", "cifar10", "cifar100", "imagefolder")
 TEACHER_LOSSES = ("ce", "mse", "ls")
 EMBEDDED_NETS = ("mlp_teacher", "mlp_student", "cnn_teacher", "cnn_student")
 ZOO_NETS = (  # the standard CIFAR knowledge-distillation zoo (bayeskd.zoo)
@@ -72,6 +72,35 @@ class Gaussian(Section):
         return self
 
 
+class GaussianImages(Section):
+    """Synthetic CIFAR-format images with exact p* (bayeskd.synthetic): a latent Gaussian mixture per
+    class, a smooth random linear decoder and isotropic pixel noise."""
+
+    n_train: PositiveInt
+    n_val: Annotated[int, Field(ge=0)]  # 0: no validation split
+    n_test: PositiveInt
+    n_classes: Annotated[int, Field(ge=2)]
+    channels: PositiveInt
+    image_size: PositiveInt
+    latent_dim: PositiveInt
+    modes_per_class: PositiveInt
+    bayes_accuracy: Fraction  # the target; the latent spread is calibrated to it
+    smoothness: Annotated[float, Field(ge=0)]  # blur std of the decoder's fields, in pixels
+    margin: Annotated[int, Field(ge=0)]  # the fields are 0 this close to the border
+    contrast: Annotated[float, Field(gt=0, lt=0.5)]  # largest RMS deviation of a noise-free pixel from 0.5
+    pixel_noise: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _feasible(self) -> GaussianImages:
+        if self.bayes_accuracy <= 1 / self.n_classes:
+            raise ValueError(f"bayes_accuracy = {self.bayes_accuracy}: must be above chance, "
+                             f"1/n_classes = {1 / self.n_classes:.4g}")
+        if 2 * self.margin + 1 >= self.image_size:
+            raise ValueError(f"margin = {self.margin} leaves no pixels of a {self.image_size}-pixel image "
+                             "to the decoder's fields; use less than (image_size - 1) / 2")
+        return self
+
+
 class Digits(Section):
     val_fraction: Fraction
     test_fraction: Fraction
@@ -107,6 +136,7 @@ class Data(Section):
     name: Literal[DATASETS]
     seed: Annotated[int, Field(ge=0)]
     gaussian: Gaussian
+    gaussian_images: GaussianImages
     digits: Digits
     images: Images
     augment: Augment
@@ -319,7 +349,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _topk_below_the_classes(self) -> Params:
-        classes = {"gaussian": self.data.gaussian.n_classes, "digits": 10, "cifar10": 10, "cifar100": 100}
+        classes = {"gaussian": self.data.gaussian.n_classes, "digits": 10, "cifar10": 10, "cifar100": 100,
+                   "gaussian_images": self.data.gaussian_images.n_classes}
         k, known = self.cache.topk, classes.get(self.data.name)  # imagefolder: counted when read
         if k and known is not None and k >= known:
             raise ValueError(f"cache.topk = {k}: must be below the {known} classes of data.name = "
@@ -344,11 +375,19 @@ PRESETS_FILE = "presets.yaml"
 
 
 def preset(name: str, path: str | Path = PRESETS_FILE) -> dict[str, object]:
-    """The dotted-key overrides of preset `name`: the shared recipe, then the pair's own values."""
+    """The dotted-key overrides of preset `name`: for a CIFAR pair the shared recipe, then the pair's
+    own values; a preset of the `synthetic` section is complete in itself."""
+    named = presets_in(path)
+    if name not in named:
+        raise ParamsError(f"preset {name!r} does not exist; expected one of {', '.join(named)} "
+                          "(`bayeskd preset --list`)")
+    return dict(named[name])
+
+
+def presets_in(path: str | Path = PRESETS_FILE) -> dict[str, dict[str, object]]:
+    """Every preset of presets.yaml by name, as its complete dotted-key overrides."""
     presets = yaml.safe_load(Path(path).read_text())
-    if name not in presets["pairs"]:
-        raise ParamsError(f"preset {name!r} does not exist; expected one of {', '.join(presets['pairs'])}")
-    return presets["recipe"] | presets["pairs"][name]
+    return {k: presets["recipe"] | v for k, v in presets["pairs"].items()} | presets.get("synthetic", {})
 
 
 def preset_args(name: str, path: str | Path = PRESETS_FILE) -> list[str]:

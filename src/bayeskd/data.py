@@ -1,7 +1,8 @@
 """Datasets, and the on-disk format of a prepared dataset.
 
 Embedded (no download): `gaussian`, the paper's synthetic benchmark with its exact Bayes class
-probability, and `digits`, scikit-learn's 8x8 digits. From disk through torchvision: `cifar10`,
+probability; `gaussian_images`, synthetic CIFAR-format images with exact p* (`bayeskd.synthetic`);
+and `digits`, scikit-learn's 8x8 digits. From disk through torchvision: `cifar10`,
 `cifar100` and `imagefolder`.
 
 A prepared dataset is a directory with `info.json` and one `<split>.npz` per split (train, test,
@@ -18,14 +19,17 @@ import io
 import json
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bayeskd import config
 from bayeskd.config import Data, Digits, Gaussian, Images
-from bayeskd.io import Failure, json_text, outputs
+from bayeskd.dataset import DataError, Dataset, Split
+from bayeskd.io import json_text, outputs
+from bayeskd.synthetic import make_gaussian_images
+
+__all__ = ["DataError", "Dataset", "Split", "load", "make", "save"]
 
 SPLITS = ("train", "val", "test")
 # per-channel mean and std of the training images, as the standard CIFAR recipes normalise
@@ -33,27 +37,6 @@ CIFAR = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ("CIFAR100", "cifar-100-python", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
-
-
-class DataError(Failure):
-    """The dataset's files are missing or do not fit what the parameters ask for."""
-
-
-@dataclass
-class Split:
-    x: np.ndarray
-    y: np.ndarray
-    p: np.ndarray | None = None  # exact p*(y|x), when known
-
-
-@dataclass
-class Dataset:
-    name: str
-    num_classes: int
-    in_shape: tuple[int, ...]
-    splits: dict[str, Split]
-    value_range: tuple[float, float]  # every input value must lie in it (checked by validation)
-    info: dict = field(default_factory=dict)  # dataset-specific facts, e.g. the Bayes accuracy
 
 
 def gaussian_bcpd(x: np.ndarray, means: np.ndarray, noise_var: float) -> np.ndarray:
@@ -173,6 +156,7 @@ def make_imagefolder(cfg: Images, seed: int) -> Dataset:
 
 MAKERS: dict[str, Callable[[Data], Dataset]] = {
     "gaussian": lambda cfg: make_gaussian(cfg.gaussian, cfg.seed),
+    "gaussian_images": lambda cfg: make_gaussian_images(cfg.gaussian_images, cfg.seed),
     "digits": lambda cfg: make_digits(cfg.digits, cfg.seed),
     "cifar10": lambda cfg: make_cifar("cifar10", cfg.images, cfg.seed),
     "cifar100": lambda cfg: make_cifar("cifar100", cfg.images, cfg.seed),
@@ -188,12 +172,20 @@ def make(cfg: Data) -> Dataset:
     return MAKERS[cfg.name](cfg)
 
 
+def _to_uint8(x: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """round(x * 255) as uint8, a block of rows at a time (no full-size float temporaries)."""
+    out = np.empty(x.shape, np.uint8)
+    for i in range(0, len(x), rows):
+        out[i:i + rows] = np.round(x[i:i + rows] * 255)
+    return out
+
+
 def save(ds: Dataset, directory: str | Path) -> None:
     """Every split, then info.json, all renamed into place together."""
     directory = Path(directory)
     with outputs() as out:
         for name, split in ds.splits.items():
-            x = np.round(split.x * 255).astype(np.uint8) if ds.info.get("uint8") else split.x
+            x = _to_uint8(split.x) if ds.info.get("uint8") else split.x
             arrays = {"x": x, "y": split.y} | ({"p": split.p} if split.p is not None else {})
             buffer = io.BytesIO()  # serialised first: numpy reports a short write without its reason
             np.savez(buffer, **arrays)
