@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
+from bayeskd import nets
 from bayeskd.report import runs_in
 from conftest import BIN, run, tiny_params
 
@@ -101,7 +103,9 @@ def test_views_through_the_stages_and_a_stale_cache_is_refused(project):
     assert json.loads((project / "reports/cache_validation.json").read_text())["success"]
     run(["python", "stages/distill.py"], project)
 
-    (project / "models/teacher.safetensors").write_bytes(b"another teacher")
+    weights = nets.read_weights(project / "models/teacher.safetensors")  # another teacher: moved weights
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+              str(project / "models/teacher.safetensors"))
     stale = run(["python", "stages/distill.py"], project, check=False)
-    assert stale.returncode == 1
+    assert stale.returncode == 2
     assert "teacher_sha256" in stale.stderr and "rerun the cache_logits" in stale.stderr
