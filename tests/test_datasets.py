@@ -168,4 +168,4 @@ def test_preset_list_names_every_preset(capsys):
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == len(config.presets_in(ROOT / "presets.yaml")) == 13
     assert "resnet32x4-resnet8x4: cifar100, resnet32x4 -> resnet8x4" in listed
-    assert "gaussian_images-cpu: gaussian_images, resnet8x4 -> resnet8" in listed
+    assert "gaussian_images-cpu: gaussian_images, resnet20 -> resnet8" in listed
