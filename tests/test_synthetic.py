@@ -202,7 +202,7 @@ def test_presets_are_valid():
     assert (gpu.teacher.net, gpu.student.net) == ("resnet32x4", "resnet8x4")
     assert gpu.data.gaussian_images.n_train == 50_000 and gpu.teacher.optim.epochs == 240
     assert gpu.data.augment.padding == 2 and cpu.data.augment.padding == 2
-    assert (cpu.teacher.net, cpu.student.net) == ("resnet8x4", "resnet8")
+    assert (cpu.teacher.net, cpu.student.net) == ("resnet20", "resnet8")
     with pytest.raises(config.ParamsError, match="expected one of .*gaussian_images-gpu"):
         config.preset("gaussian_images", ROOT / "presets.yaml")
 

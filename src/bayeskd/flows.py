@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from bayeskd import config, report, tracking
 from bayeskd.io import run as _sh
@@ -254,11 +255,14 @@ def cli_overrides(argv: list[str]) -> dict[str, Any]:
 
 def run_pipeline_cli(argv: list[str]) -> None:
     """`python -m flows.pipeline key=value ...`: bad overrides end with one `error:` line and exit
-    code 2, before Prefect starts."""
+    code 2, before Prefect starts. Without a Prefect server, the temporary one Prefect starts gets
+    two minutes rather than twenty seconds to come up, as it can need on a busy two-core machine."""
     overrides = cli_overrides(argv)
     try:
         checked_params(Path(".").resolve(), "HEAD", overrides)
     except config.ParamsError as e:
         print(f"error: invalid parameters\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
-    pipeline(set_params=overrides)
+    startup = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    with temporary_settings({startup: max(startup.value(), 120)}):
+        pipeline(set_params=overrides)
