@@ -9,6 +9,11 @@ import yaml
 
 from bayeskd.config import with_overrides
 
+# Under pytest-xdist (`pytest -n auto`, as `make test` runs) the workers share the cores: one thread
+# each, in the tests and in the DVC stages they start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the environment's python and dvc
 
