@@ -110,7 +110,10 @@ def test_runs_in_reads_dvc_exp_show_json():
     shown = [node("workspace", None, "ce"),
              {**node("0" * 40, None, "ce"), "experiments": [
                  {"revs": [node("1" * 40, "exp-a", "mse")]},
-                 {"revs": [{"rev": "2" * 40, "name": "failed", "data": {"params": {}, "metrics": {}}}]}]}]
+                 {"revs": [{"rev": "2" * 40, "name": "failed", "data": {"params": {}, "metrics": {}}}]},
+                 # queued or running: DVC shows the queued params with the baseline's metrics
+                 {"revs": [node("3" * 40, "exp-running", "mse")], "executor": {"state": "running"}},
+                 {"revs": [node("4" * 40, "exp-queued", "ls")], "executor": {"state": "queued"}}]}]
     runs = report.runs_in(shown)
     assert [(r.rev, r.origin, r.params["teacher"]["loss"]) for r in runs] == [
         ("workspace", "workspace", "ce"), ("0000000", "0000000", "ce"),

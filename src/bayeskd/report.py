@@ -52,7 +52,8 @@ def _name(node: dict) -> str:
 
 def runs_in(exp_show: list) -> list[Run]:
     """Every revision with params and metrics in `dvc exp show --json` output: the workspace, the
-    commits, and each commit's experiments."""
+    commits, and each commit's finished experiments (DVC shows a queued or running experiment with
+    its own params but its baseline's metrics)."""
     found: list[Run] = []
 
     def add(node: dict, origin: str) -> None:
@@ -65,6 +66,8 @@ def runs_in(exp_show: list) -> list[Run]:
     for top in exp_show:
         add(top, _name(top))
         for exp in top.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue
             for node in exp.get("revs") or []:
                 add(node, f"experiments of {_name(top)}")
     return found
