@@ -38,10 +38,6 @@ STUDIES = {
 }
 
 
-def shell_value(value: object) -> str:
-    return str(value).replace(" ", "") if isinstance(value, list) else str(value)
-
-
 def queue_commands(study: str) -> list[list[str]]:
     """One `dvc exp run --queue` per method and budget, the other axes as DVC's comma-separated
     sweeps. Methods outermost: the second method's runs find their teachers in DVC's run cache."""
@@ -50,7 +46,7 @@ def queue_commands(study: str) -> list[list[str]]:
     for method in GRID["student.method"]:
         for regime in regimes.values():
             fixed = {k: v for k, v in (base | regime).items() if k not in GRID} | {"student.method": method}
-            args = [a for k, v in fixed.items() for a in ("-S", f"{k}={shell_value(v)}")]
+            args = config.override_args(fixed)
             args += [a for k, values in GRID.items() if k != "student.method"
                      for a in ("-S", f"{k}={','.join(map(str, values))}")]
             commands.append(["dvc", "exp", "run", "--queue", *args])

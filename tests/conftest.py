@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wait_for_queue(project: Path, timeout: float) -> None:
+    """Until `dvc queue status` shows nothing queued or running (each call costs a second of CPU, so
+    every 10 s)."""
+    deadline = time.monotonic() + timeout
+    while any(s in run(["dvc", "queue", "status"], project).stdout for s in ("Queued", "Running")):
+        assert time.monotonic() < deadline, "the queue did not finish"
+        time.sleep(10)
 
 
 def make_project(dest: Path) -> Path:

@@ -6,14 +6,13 @@ import io
 import json
 import re
 import statistics
-import time
 
 import mlflow
 import pytest
 import yaml
 
 from bayeskd import tracking
-from conftest import run
+from conftest import run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +35,7 @@ def test_seed_sweep_compare_diff_and_tracking(project):
 
     run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce,mse", "-S", "seed=0,1"], project)
     run(["dvc", "queue", "start"], project)
-    deadline = time.monotonic() + 600
-    while any(s in run(["dvc", "queue", "status"], project).stdout for s in ("Queued", "Running")):
-        assert time.monotonic() < deadline, "the queue did not finish"
-        time.sleep(10)  # each `dvc queue status` costs a second of CPU
+    wait_for_queue(project, 600)
     refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
     exp_names = {r.rsplit("/", 1)[1] for r in refs}
     assert len(exp_names) == 4

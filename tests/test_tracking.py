@@ -1,6 +1,5 @@
 import json
 import socket
-import time
 
 import mlflow
 import pytest
@@ -8,7 +7,7 @@ import torch
 import yaml
 
 from bayeskd import export, nets, tracking
-from conftest import run
+from conftest import run, wait_for_queue
 
 
 def free_port() -> int:
@@ -169,10 +168,7 @@ def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     # (cache_logits, whose output persists, runs again and writes the same logits)
     run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=mse"], project)
     run(["dvc", "queue", "start"], project)
-    deadline = time.monotonic() + 300
-    while any(s in run(["dvc", "queue", "status"], project).stdout for s in ("Queued", "Running")):
-        assert time.monotonic() < deadline, "the queue did not finish"
-        time.sleep(10)  # each `dvc queue status` costs a second of CPU
+    wait_for_queue(project, 300)
     assert "Success" in run(["dvc", "queue", "status"], project).stdout
 
     # a change of the training code that does not change the results: the teacher is retrained,

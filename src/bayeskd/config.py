@@ -390,13 +390,18 @@ def presets_in(path: str | Path = PRESETS_FILE) -> dict[str, dict[str, object]]:
     return {k: presets["recipe"] | v for k, v in presets["pairs"].items()} | presets.get("synthetic", {})
 
 
-def preset_args(name: str, path: str | Path = PRESETS_FILE) -> list[str]:
+def override_args(overrides: dict[str, object]) -> list[str]:
     """`-S key=value` arguments for `dvc exp run`, one shell word each (no spaces in values)."""
     out = []
-    for key, value in preset(name, path).items():
+    for key, value in overrides.items():
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         out += ["-S", f"{key}={text}"]
     return out
+
+
+def preset_args(name: str, path: str | Path = PRESETS_FILE) -> list[str]:
+    """Preset `name` as `dvc exp run` arguments (`override_args`)."""
+    return override_args(preset(name, path))
 
 
 class ParamsError(ValueError):
