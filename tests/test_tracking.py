@@ -150,8 +150,9 @@ def assert_complete(client, runs, epochs):
 
 @pytest.mark.slow
 def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
-    """One complete MLflow run per execution of the pipeline's last stage; nothing for a variant that
-    DVC restores from its run cache, nor for a rerun that reproduces the same student."""
+    """One complete MLflow run per execution of the pipeline's last stage, also where DVC restored the
+    training stages from its run cache; nothing where it does not run (a rerun that reproduces the
+    same student)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
     epochs = yaml.safe_load((project / "params.yaml").read_text())["student"]["optim"]["epochs"]
     run(["dvc", "repro"], project)
@@ -164,21 +165,29 @@ def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
     assert len(runs_of(project)[1]) == 2
 
-    # a queued copy of the same variant: DVC restores every cached stage from its run cache
-    # (cache_logits, whose output persists, runs again and writes the same logits)
-    run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=mse"], project)
+    # the CE baseline again, queued (run in a temporary copy of the workspace, whose dvc.lock is the
+    # MSE variant's): DVC restores the teacher and the student from its run cache; the stages with
+    # persistent outputs or outputs in git run again, the last one too: one more run, complete
+    run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce"], project)
     run(["dvc", "queue", "start"], project)
     wait_for_queue(project, 300)
-    assert "Success" in run(["dvc", "queue", "status"], project).stdout
+    task = run(["dvc", "queue", "status"], project).stdout.splitlines()[1].split()
+    assert task[-1] == "Success", task
+    log = run(["dvc", "queue", "logs", task[0]], project).stdout
+    for stage in ("train_teacher", "distill"):
+        assert f"Stage '{stage}' is cached - skipping run" in log, log
+    assert "Running stage 'export_onnx'" in log, log
+    client, logged = runs_of(project)
+    assert len(logged) == 3
+    assert_complete(client, logged, epochs)
 
     # a change of the training code that does not change the results: the teacher is retrained,
-    # bit for bit the same, and nothing after it runs
+    # bit for bit the same, and the last stage does not run
     losses = project / "src/bayeskd/losses.py"
     losses.write_text(losses.read_text() + "\n# a comment\n")
     assert "Running stage 'train_teacher'" in run(["dvc", "repro"], project).stdout
     client, logged = runs_of(project)
-    assert len(logged) == 2
-    assert_complete(client, logged, epochs)
+    assert len(logged) == 3
     assert {r.data.params["teacher.loss"] for r in logged} == {"ce", "mse"}
 
     # tracking that fails costs no output: the last stage still writes them and succeeds
@@ -187,4 +196,4 @@ def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert "MLflow tracking off" in result.stderr + result.stdout
     assert json.loads((project / "reports/export.json").read_text())["student"]["max_abs_diff"] <= 1e-4
-    assert len(runs_of(project)[1]) == 2
+    assert len(runs_of(project)[1]) == 3

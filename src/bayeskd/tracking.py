@@ -3,11 +3,11 @@
 The training stages write their curves with DVCLive only. The last stage, export_onnx, writes the
 MLflow run in one go from the workspace's files: parameters, the curves (from dvclive/), the test
 metrics (reports/metrics.json), reports/ and dvclive/ as artifacts, and the ONNX student as a
-registered model. So a run is complete or absent: an execution whose export_onnx does not run (DVC
-restores it from its run cache, or the student did not change) logs nothing, as its results are
-those of an earlier execution. The default store is `mlflow.db` (SQLite) in the project root, also
-when DVC runs an experiment in a temporary directory; MLFLOW_TRACKING_URI overrides it. Tracking
-never fails a stage: an error is reported once on stderr, and the run, if started, is marked FAILED.
+registered model. So a run is complete or absent: an execution whose export_onnx does not run (the
+student did not change) logs nothing, as its results are those of an earlier execution. The
+default store is `mlflow.db` (SQLite) in the project root, also when DVC runs an experiment in a
+temporary directory; MLFLOW_TRACKING_URI overrides it. Tracking never fails a stage: an error is
+reported once on stderr, and the run, if started, is marked FAILED.
 """
 
 from __future__ import annotations
