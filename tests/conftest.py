@@ -37,11 +37,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
-def wait_for_queue(project: Path, timeout: float) -> None:
+def wait_for_queue(project: Path, timeout: float) -> str:
     """Until `dvc queue status` shows nothing queued or running (each call costs a second of CPU, so
-    every 10 s)."""
+    every 10 s); returns that last status."""
     deadline = time.monotonic() + timeout
-    while any(s in run(["dvc", "queue", "status"], project).stdout for s in ("Queued", "Running")):
+    while True:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
         assert time.monotonic() < deadline, "the queue did not finish"
         time.sleep(10)
 

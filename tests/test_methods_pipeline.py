@@ -5,7 +5,6 @@ single-process feature method, each with a CE and an MSE teacher, through `dvc e
 import json
 import math
 
-import dvc.api
 import pytest
 import torch
 import yaml
@@ -65,6 +64,8 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
     """A logit method from the cache, a feature method and a single-process feature method, each with
     a CE and an MSE teacher: six experiments of one project. Back to a variant that ran before, DVC
     restores its teacher and student from its run cache instead of training them again."""
+    import dvc.api as dvc_api  # only here: the other tests of this module need no DVC in-process
+
     methods = ("kd", "reviewkd", "crd")
     params = tiny_params(**{"data.name": "digits", "data.augment.padding": 1, "cache.views": 2,
                             "teacher.net": "cnn_teacher", "student.net": "cnn_student",
@@ -83,7 +84,7 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
         params = rev["data"]["params"]["params.yaml"]["data"]
         assert f"{params['teacher']['loss']}-{params['student']['method']}" == rev["name"]
         # the curves are in the DVC cache, read at the experiment's commit
-        summary = dvc.api.read("dvclive/student/metrics.json", repo=str(project), rev=rev["rev"])
+        summary = dvc_api.read("dvclive/student/metrics.json", repo=str(project), rev=rev["rev"])
         results[rev["name"]] = json.loads(summary)
     assert set(results) == {f"{loss}-{m}" for loss in ("ce", "mse") for m in methods}
     assert all(0.0 <= m["val"]["acc"] <= 1.0 and math.isfinite(m["train"]["loss"]) for m in results.values())

@@ -170,8 +170,7 @@ def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     # persistent outputs or outputs in git run again, the last one too: one more run, complete
     run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce"], project)
     run(["dvc", "queue", "start"], project)
-    wait_for_queue(project, 300)
-    task = run(["dvc", "queue", "status"], project).stdout.splitlines()[1].split()
+    task = wait_for_queue(project, 300).splitlines()[1].split()
     assert task[-1] == "Success", task
     log = run(["dvc", "queue", "logs", task[0]], project).stdout
     for stage in ("train_teacher", "distill"):
@@ -188,6 +187,7 @@ def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     assert "Running stage 'train_teacher'" in run(["dvc", "repro"], project).stdout
     client, logged = runs_of(project)
     assert len(logged) == 3
+    assert_complete(client, logged, epochs)
     assert {r.data.params["teacher.loss"] for r in logged} == {"ce", "mse"}
 
     # tracking that fails costs no output: the last stage still writes them and succeeds
