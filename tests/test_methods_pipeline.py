@@ -83,7 +83,7 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
         rev = exp["revs"][0]
         params = rev["data"]["params"]["params.yaml"]["data"]
         assert f"{params['teacher']['loss']}-{params['student']['method']}" == rev["name"]
-        # the curves are in the DVC cache, read at the experiment's commit
+        # the training summary (a DVC metric in git), read at the experiment's commit
         summary = dvc_api.read("dvclive/student/metrics.json", repo=str(project), rev=rev["rev"])
         results[rev["name"]] = json.loads(summary)
     assert set(results) == {f"{loss}-{m}" for loss in ("ce", "mse") for m in methods}

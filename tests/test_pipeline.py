@@ -47,8 +47,11 @@ def test_repro_then_mse_experiment(project):
     assert "failed to load" not in shown.stdout + shown.stderr
     html = (project / "plots_out/index.html").read_text()
     plots = re.findall(r'<div id = "([^"]+)">', html)  # only the declared charts
-    assert plots == ["validation_accuracy", "validation_nll", "training_accuracy", "reliability",
-                     "student_confusion"]
+    assert plots[:5] == ["validation_accuracy", "validation_nll", "training_accuracy", "reliability",
+                         "student_confusion"]
+    curves = {f"dvclive_{role}_plots_metrics_{curve}_tsv" for role in ("teacher", "student")
+              for curve in ("lr", "train_acc", "train_loss", "val_acc", "val_nll")}
+    assert curves <= set(plots[5:]) and all(p.startswith("dvclive_") for p in plots[5:])
     assert "<script src=" not in html and "vegaEmbed" in html  # scripts inlined: renders offline
     assert len(html) < 2_000_000
 
