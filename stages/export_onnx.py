@@ -1,5 +1,6 @@
 """Stage export_onnx: teacher and student to ONNX, checked against torch with onnxruntime; then the
-pipeline execution's MLflow run, complete (see bayeskd.tracking)."""
+pipeline execution's MLflow run is completed: test metrics, reports, the ONNX student (see
+bayeskd.tracking)."""
 
 import json
 from pathlib import Path
@@ -39,14 +40,13 @@ def main() -> None:
     print(f"wrote models/teacher.onnx, models/student.onnx and {REPORT}")
 
     metrics = json.loads(Path(METRICS).read_text())
-    with mlflow_run() as run:
+    with mlflow_run(final=True) as run:
         student = {"student": metrics["student"], "agreement": metrics["agreement"],
                    "export": {"student": report["student"]}}
         version = run.register_onnx("models/student.onnx", x[:2].numpy(), student)
         run.log_metrics({k: v for k, v in metrics.items() if k not in student}
                         | {"export": {"teacher": report["teacher"]}})
-        for role in ("teacher", "student"):
-            run.log_curves(f"dvclive/{role}", role)
+        run.log_restored_curves({role: f"dvclive/{role}" for role in ("teacher", "student")})
         run.log_artifacts("reports", "dvclive")
     if version:
         print(f"registered models/student.onnx as {MODEL_NAME} version {version}")

@@ -102,7 +102,7 @@ def test_seed_sweep_compare_diff_and_tracking(project):
     logged = client.search_runs([experiment.experiment_id])
     tagged = {r.data.tags["dvc.experiment"] for r in logged}
     assert "" in tagged and len(tagged & exp_names) >= 3  # (ce, 0) is the baseline: nothing reruns
-    alias = client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.MAIN_ALIAS)
+    alias = client.get_model_version_by_alias(tracking.MODEL_NAME, "main")
     latest_main = client.get_run(alias.run_id)
     assert latest_main.data.tags["dvc.experiment"] == ""
     assert latest_main.data.params["student.method"] == "none"
