@@ -14,6 +14,8 @@ MARKER = "<!-- bayeskd-metrics-diff -->"
 
 
 def compare(args: argparse.Namespace) -> str:
+    if args.remote:
+        report.pull_experiments(args.remote, args.repo, tuple(args.revs), args.all_commits)
     runs = report.collect(args.repo, tuple(args.revs), args.all_commits)
     if not runs:
         raise SystemExit("error: no runs with reports/metrics.json found; run `dvc repro` or "
@@ -44,6 +46,8 @@ def preset(args: argparse.Namespace) -> str:
 
 def diff(args: argparse.Namespace) -> str:
     revs = [args.a_rev] + ([args.b_rev] if args.b_rev else [])
+    if args.remote:
+        report.pull_experiments(args.remote, args.repo, tuple(revs))
     b = f"`{args.b_rev}`" if args.b_rev else "the workspace"
     params = _table(report.dvc("params", "diff", *revs, "--md", repo=args.repo))
     metrics = _table(report.dvc("metrics", "diff", *revs, "--md", repo=args.repo))
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--format", choices=sorted(report.FORMATS), default="table")
     c.add_argument("--plot", metavar="DIR", help="also write DIR/student_vs_teacher.png and "
                    "DIR/points.csv")
+    c.add_argument("--remote", metavar="GIT_REMOTE", help="first fetch the experiments of these "
+                   "revisions from a git remote, e.g. origin (`dvc exp pull`)")
     c.set_defaults(run=compare)
 
     p = sub.add_parser("preset", help="print `dvc exp run` overrides (-S key=value ...) of a preset "
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                        "as posted on pull requests")
     d.add_argument("a_rev", help="the base revision, e.g. main")
     d.add_argument("b_rev", nargs="?", help="the new revision (default: the workspace)")
+    d.add_argument("--remote", metavar="GIT_REMOTE", help="first fetch the experiments of both "
+                   "revisions from a git remote, e.g. origin (`dvc exp pull`)")
     d.set_defaults(run=diff)
 
     args = parser.parse_args(argv)
