@@ -155,6 +155,7 @@ def end_execution(status: str) -> None:
     try:
         import mlflow
 
+        _fail_fast()
         mlflow.MlflowClient(found["tracking_uri"]).set_terminated(found["run_id"], status)
     except Exception as e:  # tracking must never hide the stage's own error
         print(f"warning: MLflow run {found.get('run_id')} not marked {status}: {type(e).__name__}: {e}",
@@ -178,13 +179,18 @@ def _data_hash(directory: str = "data/prepared") -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()[:16]
 
 
+def _fail_fast() -> None:
+    """A tracking server that does not answer costs a stage seconds, not minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # a busy server may take seconds
+
+
 def set_experiment(uri: str | None = None):
     """The bayeskd experiment of the store at `uri` (default: tracking_uri()), made active; created
     as a training experiment, not a GenAI one."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    _fail_fast()
     # MLflow's own links open its GenAI view; the stage prints one that opens the training view
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri or tracking_uri())
@@ -261,8 +267,8 @@ class Run:
         path.write_text(json.dumps({"run_id": self.run_id, "execution": execution,
                                     "tracking_uri": tracking_uri()}))
         if tracking_uri().startswith(("http://", "https://")):
-            print(f"MLflow run {name}: {tracking_uri().rstrip('/')}/#/experiments/"
-                  f"{experiment.experiment_id}/runs/{self.run_id}?{UI_VIEW}", flush=True)
+            print(f"MLflow run {name}, its curves: {tracking_uri().rstrip('/')}/#/experiments/"
+                  f"{experiment.experiment_id}/runs/{self.run_id}/model-metrics?{UI_VIEW}", flush=True)
 
     def log_epoch(self, role: str, epoch: int, metrics: dict[str, float]) -> None:
         """One epoch of a training stage as it ends: `<role>/<key>` at step epoch + 1. Epochs the
