@@ -117,6 +117,7 @@ def prepare_workspace(ws: Path, repo: Path, commit: str, params: dict, dvc_remot
 def save_experiment(ws: Path, name: str, git_remote: str, push: bool) -> None:
     """`dvc exp save`, then `dvc exp push`: the experiment to the git remote and its outputs to the
     DVC remote; without a DVC remote, the outputs stay in this machine's DVC cache."""
+    _sh(["git", "add", "-A"], ws)  # new files in git's care too (curves of a first run): exp save skips them
     _sh([*DVC, "exp", "save", "--force", "-n", name], ws)
     if not push:
         return
