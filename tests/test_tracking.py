@@ -1,5 +1,8 @@
 import json
+import signal
 import socket
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -7,7 +10,7 @@ import torch
 import yaml
 
 from bayeskd import export, nets, tracking
-from conftest import run, wait_for_queue
+from conftest import ROOT, run, wait_for_queue
 
 
 def free_port() -> int:
@@ -186,6 +189,31 @@ def test_a_run_that_does_not_complete_ends_failed_or_killed(repo):
     assert client.get_run(left.info.run_id).info.status == "KILLED"
 
 
+def test_a_stage_stopped_by_sigterm_marks_its_run_killed(repo):
+    """What a cancelled flow run or a stopped container sends: the stage marks the execution's run
+    KILLED, then ends by the signal, as it would have (Prefect retries stages killed by signals)."""
+    script = repo / "stopped.py"
+    script.write_text(f"""import sys, time
+sys.path.insert(0, {str(ROOT / "stages")!r})
+from common import stage
+from bayeskd import tracking
+
+def main():
+    with tracking.mlflow_run():
+        print("training", flush=True)
+        time.sleep(120)
+
+stage(main)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "training\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    found = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    assert [r.info.status for r in found] == ["KILLED"]
+
+
 def test_unreachable_server_warns_once_and_loses_nothing(repo, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with tracking.mlflow_run() as r:
@@ -216,7 +244,7 @@ def assert_complete(client, runs, epochs):
 
 
 def registered(client, run):
-    return [v.version for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+    return [int(v.version) for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
 
 
 @pytest.mark.slow
@@ -231,7 +259,7 @@ def test_every_execution_logs_one_run_complete_or_of_what_it_trained(project, mo
     client, logged = runs_of(project)
     assert len(logged) == 1
     assert_complete(client, logged, epochs)
-    assert registered(client, logged[0]) == ["1"]
+    assert registered(client, logged[0]) == [1]
     assert client.get_registered_model(tracking.MODEL_NAME).aliases == {"main": 1}
     assert not (project / tracking.RUN_FILE).exists()
     git_commit(project, "ce baseline")
@@ -259,7 +287,7 @@ def test_every_execution_logs_one_run_complete_or_of_what_it_trained(project, mo
     restored = next(r for r in logged if r.data.tags.get(tracking.RESTORED_TAG))
     assert restored.data.tags[tracking.RESTORED_TAG] == "teacher,student"
     assert "Not trained in this execution" in restored.data.tags["mlflow.note.content"]
-    assert registered(client, restored) == ["2"]
+    assert registered(client, restored) == [2]
 
     # a change of the training code that does not change the results: teacher and student are
     # retrained, bit for bit the same, live in a run of their own, and the last stage does not run
