@@ -33,6 +33,19 @@ def test_repro_then_mse_experiment(project):
 
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ce baseline"], project)
+
+    # a fresh clone, no DVC remote, no cache: the commit's metrics, plots and curves are in git
+    fresh = project.parent / "fresh"
+    run(["git", "clone", "-q", str(project), str(fresh)], project.parent)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], fresh).stdout)
+    assert shown == json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    for command in (["dvc", "plots", "show", "-o", "out"], ["dvc", "plots", "diff", "HEAD", "-o", "out"]):
+        result = run(command, fresh)
+        assert "failed to load" not in result.stdout + result.stderr
+        html = (fresh / "out/index.html").read_text()
+        assert "dvclive_teacher_plots_metrics_val_acc_tsv" in html and '"acc": "0.' in html
+    assert not (fresh / "models").exists()
+
     run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
 
     runs = runs_in(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
