@@ -180,8 +180,10 @@ def _data_hash(directory: str = "data/prepared") -> str:
 
 
 def _fail_fast() -> None:
-    """A tracking server that does not answer costs a stage seconds, not minutes of retries."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    """A tracking server that does not answer costs a stage seconds, not minutes of retries; a
+    connection the server dropped between two calls (its keep-alive ended) is retried."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # a busy server may take seconds
 
 
