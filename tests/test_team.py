@@ -114,6 +114,11 @@ def test_team_stack_compares_on_two_workers_and_a_fresh_clone_sees_it_all(projec
         metrics = json.loads(run(["git", "show", f"{ref}:reports/metrics.json"], fresh).stdout)
         assert any(r["teacher_loss"] == name.split("-")[0] and r["seeds"] == "1" and float(
             r["student_accuracy_mean"]) == pytest.approx(metrics["student"]["accuracy"]) for r in rows), out
+    # the pull-request comment's Markdown, from another fresh clone: the same fetch first
+    other = tmp_path / "other"
+    run(["git", "clone", "-q", str(origin), str(other)], tmp_path)
+    md = sh([f"{BIN}/bayeskd", "diff", "--remote", "origin", "HEAD"], other, env).stdout
+    assert "| mse | 1 |" in md.split("### CE- vs MSE-trained teachers")[1]
     sh(["dvc", "exp", "pull", "origin", ce, mse], fresh, env)
     diff = json.loads(run(["dvc", "metrics", "diff", ce, mse, "--json"], fresh).stdout)
     assert "teacher.bcpd_mse" in diff["reports/metrics.json"]
