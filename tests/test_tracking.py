@@ -64,13 +64,13 @@ def test_one_run_with_curves_metrics_artifacts_and_a_tagged_model(repo, monkeypa
     with tracking.mlflow_run(final=True) as r:
         assert r.register_onnx("student.onnx", example, {"student": {"accuracy": 0.5}}) == "1"
         r.log_metrics({"teacher": {"accuracy": 0.6}})
-        r.log_curves(repo / "dvclive/teacher", "teacher")
+        assert r.log_restored_curves({"teacher": repo / "dvclive/teacher"}) == ["teacher"]
         r.log_artifacts("reports")
         first = r.run_id
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    assert experiment.tags[tracking.KIND_TAG] == "custom_model_development"  # not the GenAI view
+    assert experiment.tags[tracking.KIND_TAG] == "custom_model_development"  # for UIs that read it
     got = client.get_run(first)
     assert got.info.status == "FINISHED"
     assert got.data.params["teacher.loss"] == "mse" and got.data.params["seed"] == "0"
@@ -219,7 +219,7 @@ def test_unreachable_server_warns_once_and_loses_nothing(repo, monkeypatch, caps
     with tracking.mlflow_run() as r:
         r.log_epoch("teacher", 0, {"train/loss": 1.0})
         r.log_metrics({"a": 1.0})
-        r.log_curves(repo / "dvclive/teacher", "teacher")
+        r.log_restored_curves({"teacher": repo / "dvclive/teacher"})
     assert not r.active
     assert capsys.readouterr().err.count("warning: MLflow tracking off") == 1
 

@@ -292,17 +292,13 @@ class Run:
         self._safely("logging metrics", self._log_batch,
                      [(k, v, 0) for k, v in flatten(metrics).items()], model_id)
 
-    def log_curves(self, directory: str | Path, prefix: str) -> None:
-        """The DVCLive curves under `directory` as MLflow metric histories `<prefix>/...`."""
-        self._safely(f"logging the curves of {directory}", self._log_batch, read_curves(directory, prefix))
-
-    def log_restored_curves(self, directories: dict[str, str]) -> list[str]:
+    def log_restored_curves(self, directories: dict[str, str | Path]) -> list[str]:
         """The curves of each role ({role: its DVCLive directory}) whose training stage did not run in
         this execution (DVC restored its outputs from its cache), read from its files; the run says
         which, in tag RESTORED_TAG and its description. Returns those roles."""
         return self._safely("logging restored curves", self._log_restored_curves, directories) or []
 
-    def _log_restored_curves(self, directories: dict[str, str]) -> list[str]:
+    def _log_restored_curves(self, directories: dict[str, str | Path]) -> list[str]:
         import mlflow
 
         client = mlflow.MlflowClient()
