@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-fast docs lint
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,12 @@ run: setup
 test: setup
 	$(BIN)/ruff check .
 	. $(BIN)/activate && pytest
+
+test-fast: setup
+	. $(BIN)/activate && pytest -m "not slow"
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check .

@@ -70,6 +70,43 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
 
 
+def commit_all(repo: Path, message: str) -> str:
+    """`git add -A` and commit; the new commit's hash."""
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
+    return run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory, worker_id) -> Path:
+    """A copy of the project (`make_project`) on which `dvc repro` ran once and whose results are
+    committed ("ce baseline"), with its DVC cache and MLflow store. Built once per test session and
+    shared by every pytest-xdist worker (a file lock in their common temporary directory); tests never
+    change it: they take a copy (`built`)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent
+    root, done = shared / "built-project", shared / "built-project.done"
+    with FileLock(shared / "built-project.lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            root.mkdir()
+            make_project(root)
+            run(["dvc", "repro"], root)
+            commit_all(root, "ce baseline")
+            done.touch()
+    return root
+
+
+@pytest.fixture
+def built(built_project: Path, tmp_path: Path) -> Path:
+    """A copy of `built_project`, this test's own."""
+    dest = tmp_path / "project"
+    shutil.copytree(built_project, dest, symlinks=True)
+    return dest
+
+
 def feature_steps(method: str, steps: int = 30, student_net: str = "cnn_student",
                   teacher_net: str = "cnn_teacher", in_shape: tuple[int, ...] = (1, 8, 8), n: int = 64,
                   lr: float = 0.01,

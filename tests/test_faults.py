@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_project, run
+from conftest import run
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +26,10 @@ def snapshot(root: Path) -> dict[str, bytes]:
             for f in sorted((root / d).rglob("*")) if f.is_file()}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A copy of the project on which the whole pipeline ran once, committed."""
-    root = make_project(tmp_path_factory.mktemp("faults") / "project")
-    run(["dvc", "repro"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "built"], root)
-    return root
-
-
 @pytest.fixture
-def project(built, tmp_path):
-    dest = tmp_path / "project"
-    shutil.copytree(built, dest, symlinks=True)
-    return dest
+def project(built):
+    """A copy of the project on which the whole pipeline ran once, committed (conftest)."""
+    return built
 
 
 def one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
