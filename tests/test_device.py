@@ -171,8 +171,12 @@ def test_evaluate_and_export_predict_on_the_device(name, shape):
     assert logits.device.type == "cpu" and logits.shape == (10, CLASSES) and logits.dtype == torch.float32
 
 
-def test_the_fake_device_catches_a_host_input():
-    """The stand-in is strict: a CUDA model fed a CPU batch fails."""
+def test_the_stand_ins_are_strict():
+    """Work on the host is recorded; a (fake) CUDA model fed a CPU batch fails."""
+    with HostWork() as host:
+        torch.rand(4, device=META) + 1
+        torch.ones(3).sum()
+    assert host.ops == ["aten.ones.default", "aten.sum.default"]  # a tensor made on the host, then work
     model = net("cnn_student")
     with fake_cuda(), pytest.raises(RuntimeError, match="same device"):
         model.to("cuda")(torch.rand(2, *SHAPE))
