@@ -83,9 +83,10 @@ class TrainSet:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch and ask for deterministic algorithms: on the CPU runs then repeat bit for bit; on
-    a GPU, an op with no deterministic CUDA kernel warns instead of stopping the run (a repeated
-    seed there agrees within a tolerance that benchmarks/gpu_check.py measures)."""
+    """Seed torch and ask for deterministic algorithms: on the CPU runs then repeat bit for bit. On a
+    GPU the training paths have deterministic kernels only (pooling as means, see bayeskd.feature);
+    an op without one (adaptive pooling of maps whose sizes do not divide) warns instead of stopping
+    the run, and a repeated seed then agrees within what benchmarks/gpu_check.py measures."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on GPUs
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
