@@ -67,7 +67,7 @@ SIZES = {
               "compile": False},  # compiling takes minutes on a CPU; tests/test_train.py covers it
 }
 CLASSES = 100
-BUILD_BATCH = 4096  # params.yaml's cache.batch_size
+BUILD_BATCH = 1024  # params.yaml's cache.batch_size
 DEVICE = placement.choose("auto")
 
 

@@ -116,7 +116,7 @@ def _shard_arrays(logits: Tensor, dtype: str, topk: int) -> dict[str, np.ndarray
 
 def build(model: nn.Module, x: Tensor, y: Tensor, directory: str | Path, *, num_classes: int,
           augment: CropFlip | None, views: int | str, seed: int, dtype: str, shard_size: int,
-          topk: int, teacher_sha256: str, batch_size: int = 4096, device: torch.device | str = "auto",
+          topk: int, teacher_sha256: str, batch_size: int = 1024, device: torch.device | str = "auto",
           log: Callable[[str], None] = print) -> dict:
     """Build (or resume building) the cache of `model`'s logits on `x`, `batch_size` views per
     teacher forward on `device` (bayeskd.placement); return the manifest. The host waits for the
