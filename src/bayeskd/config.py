@@ -29,6 +29,7 @@ PARAMS_FILE = "params.yaml"
 
 DATASETS = ("gaussian", "gaussian_images", "digits", "cifar10", "cifar100", "imagefolder")
 TEACHER_LOSSES = ("ce", "mse", "ls")
+DEVICES = ("auto", "cpu", "cuda")  # compute.device (bayeskd.placement)
 EMBEDDED_NETS = ("mlp_teacher", "mlp_student", "cnn_teacher", "cnn_student")
 ZOO_NETS = (  # the standard CIFAR knowledge-distillation zoo (bayeskd.zoo)
     *(f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)), "resnet8x4", "resnet32x4", "ResNet18", "ResNet50",
@@ -319,9 +320,11 @@ class Cache(Section):
     views: Literal["all"] | PositiveInt  # every view of the view space, or this many per sample
     topk: Annotated[int, Field(ge=0)]  # 0 stores all classes; k stores the k largest logits
     min_accuracy: Annotated[float, Field(ge=0, le=1)]  # the teacher's least plausible accuracy on its views
+    batch_size: PositiveInt  # views per teacher forward while building
 
 
 class Compute(Section):
+    device: Literal[DEVICES]  # where every stage runs: auto (CUDA when present), cpu or cuda
     processes: Annotated[int, Field(ge=1, le=64)]  # training processes per stage (torchrun, DDP)
     compile: bool  # torch.compile the training forward
 

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayeskd import config, feature
+from bayeskd import config, feature, placement
 from bayeskd.batch import Batch, LossFn
 from bayeskd.cache import LogitCache
 from bayeskd.losses import soft_kl
+from bayeskd.placement import Teacher
 from bayeskd.taps import Extractor
 
 LogitMethod = Callable[..., dict[str, Tensor]]
@@ -64,13 +65,16 @@ def _dkd(raw: Tensor, s: Tensor, t: Tensor, targets: Tensor, epoch: int, tempera
          ce_weight: float, alpha: float, beta: float, warmup: int) -> dict[str, Tensor]:
     s, t = s / temperature, t / temperature
     target = F.one_hot(targets, s.shape[1]).bool()
+    rest = torch.arange(s.shape[1] - 1, device=s.device)
+    rest = rest + (rest >= targets[:, None])  # the non-target classes of each sample, in order
 
     def binary(z: Tensor) -> Tensor:  # log [p_target, 1 - p_target]
         log_p = F.log_softmax(z, dim=1)
-        return torch.stack([log_p[target], torch.logsumexp(log_p.masked_fill(target, -torch.inf), 1)], 1)
+        return torch.stack([log_p.gather(1, targets[:, None])[:, 0],
+                            torch.logsumexp(log_p.masked_fill(target, -torch.inf), 1)], 1)
 
-    def others(z: Tensor) -> Tensor:  # the non-target logits
-        return z[~target].view(len(z), -1)
+    def others(z: Tensor) -> Tensor:  # the non-target logits (a boolean mask would wait for the device)
+        return z.gather(1, rest)
 
     tckd = F.kl_div(binary(s), binary(t), reduction="batchmean", log_target=True)
     nckd = soft_kl(others(s), others(t), 1.0)
@@ -145,50 +149,44 @@ class Distiller:
 
 def distiller(method: str, student: nn.Module, *, hparams: dict | None = None,
               cache: LogitCache | None = None, teacher: nn.Module | None = None,
-              in_shape: Sequence[int] = (), num_samples: int = 0, processes: int = 1) -> Distiller:
+              in_shape: Sequence[int] = (), num_samples: int = 0, processes: int = 1,
+              device: torch.device | str = "auto") -> Distiller:
     """The student's training loss for `method` (hyperparameters: its defaults, then `hparams`).
 
-    A logit method reads the teacher's logits of each drawn view from `cache`, with no teacher
-    forward; without a cache it runs `teacher` on each batch (online KD, for comparison). A feature
-    method runs `teacher` for its features and never needs a cache; it is sized for `in_shape` and
-    `num_samples` training samples. Raises ValueError when the method cannot distill this pair or
-    cannot run in `processes` processes.
+    A logit method reads the teacher's logits of each drawn view from `cache` (held on the training
+    device), with no teacher forward; without a cache it runs `teacher` on each batch (online KD,
+    for comparison). A feature method runs `teacher` for its features and never needs a cache; it
+    is sized for `in_shape` and `num_samples` training samples. The teacher runs on `device` as
+    bayeskd.placement.Teacher declares (float32, outside the student's autocast, channels_last),
+    the same forward that built the cache. Raises ValueError when the method cannot distill this
+    pair or cannot run in `processes` processes.
     """
-    from bayeskd.train import default_device
-
     hp = config.hparams(method) | (hparams or {})
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
     if method in METHODS:
         fn = METHODS[method]
         if cache is not None:
             def cached(logits: Tensor, batch: Batch, epoch: int) -> dict[str, Tensor]:
-                t = cache.logits(batch.idx, batch.slots).to(logits.device)  # the drawn view's logits
-                return fn(logits, t, batch.y, epoch + 1, **hp)
+                return fn(logits, cache.logits(batch.idx, batch.slots), batch.y, epoch + 1, **hp)
 
             return Distiller(cached, view_table=cache.view_table)
         if teacher is None:
             raise ValueError(f"{method} needs the teacher's logits: give a logit cache or the teacher")
-        teacher.to(default_device())
+        frozen = Teacher(teacher, placement.choose(device))
 
         def online(logits: Tensor, batch: Batch, epoch: int) -> dict[str, Tensor]:
-            with torch.no_grad():
-                t = teacher(batch.x)
-            return fn(logits, t, batch.y, epoch + 1, **hp)
+            return fn(logits, frozen(batch.x), batch.y, epoch + 1, **hp)
 
         return Distiller(online)
 
     if teacher is None:
         raise ValueError(f"{method} needs the teacher's features: give the teacher")
-    method_parts = feature.build(method, student, teacher, in_shape, num_samples, **hp)
+    frozen = Teacher(teacher, placement.choose(device))
+    method_parts = feature.build(method, student, frozen, in_shape, num_samples, **hp)
     if method_parts.single_process and processes > 1:
         raise ValueError(f"{method} runs in one process only (compute.processes = {processes}; set it to 1)")
-    teacher.to(default_device())
-    student_features, teacher_features = Extractor(student), Extractor(teacher)
+    student_features, teacher_features = Extractor(student), Extractor(frozen)
 
     def features(logits: Tensor, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        with torch.no_grad():
-            t = teacher_features(batch.x)
-        return method_parts(student_features.last(logits), t, batch, epoch + 1)
+        return method_parts(student_features.last(logits), teacher_features(batch.x), batch, epoch + 1)
 
     return Distiller(features, extra=method_parts)

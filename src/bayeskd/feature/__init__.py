@@ -15,7 +15,7 @@ from bayeskd.feature.hints import AT, VID, FitNet
 from bayeskd.feature.hsakd import HSAKD
 from bayeskd.feature.relations import CC, PKT, RKD, SP
 from bayeskd.feature.reviewkd import ReviewKD
-from bayeskd.taps import Extractor, Features
+from bayeskd.taps import Features, features
 
 METHODS: dict[str, type[FeatureMethod]] = {
     "fitnet": FitNet, "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT,
@@ -34,22 +34,21 @@ def create(name: str, student: Features, teacher: Features, num_samples: int,
 
 def build(name: str, student: nn.Module, teacher: nn.Module, in_shape: Sequence[int], num_samples: int,
           **hparams: float) -> FeatureMethod:
-    """Method `name` for this pair of nets, sized by one probe batch through both (in eval mode, so
-    no batch-norm statistics move)."""
-    modes = student.training, teacher.training
-    probe = torch.zeros(2, *in_shape, device=next(student.parameters()).device)
-    with torch.no_grad():
-        s = Extractor(student.eval())
-        t = Extractor(teacher.eval())
-        try:
-            s_probe, t_probe = s(probe), t(probe)
-        finally:
-            s.remove()
-            t.remove()
-    student.train(modes[0])
-    teacher.train(modes[1])
-    for role, features in (("student", s_probe), ("teacher", t_probe)):
-        if METHODS[name].uses_stages and not features.stages:
+    """Method `name` for this pair of nets, sized by one probe batch through each, on its own device
+    (in eval mode, so no batch-norm statistics move)."""
+    s_probe, t_probe = _probe(student, in_shape), _probe(teacher, in_shape)
+    for role, probe in (("student", s_probe), ("teacher", t_probe)):
+        if METHODS[name].uses_stages and not probe.stages:
             raise ValueError(f"{name} matches stage feature maps and the {role} has none (only a pre-logit "
                              "vector); use nets with stages (the zoo, cnn_teacher, cnn_student)")
     return create(name, s_probe, t_probe, num_samples, **hparams)
+
+
+def _probe(net: nn.Module, in_shape: Sequence[int]) -> Features:
+    """The features of two zero inputs, on the net's own device, in eval mode; the mode is restored."""
+    mode = net.training
+    probe = torch.zeros(2, *in_shape, device=next(net.parameters()).device)
+    with torch.no_grad():
+        out = features(net.eval(), probe)
+    net.train(mode)
+    return out

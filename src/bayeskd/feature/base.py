@@ -1,4 +1,5 @@
-"""What every feature-based method shares: the method base, stage pairing, float32 relations."""
+"""What every feature-based method shares: the method base, stage pairing, float32 relations, and
+average pooling with a deterministic CUDA backward."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayeskd import placement
 from bayeskd.batch import Batch
 from bayeskd.taps import Features
 
@@ -18,6 +20,21 @@ def paired(student: list[Tensor], teacher: list[Tensor]) -> list[tuple[Tensor, T
     matched from the top, where the features are closest to the output."""
     n = min(len(student), len(teacher))
     return list(zip(student[len(student) - n :], teacher[len(teacher) - n :], strict=True))
+
+
+def mean_pool(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """`x` (N x C x H x W) average-pooled to `size`: each output the mean of an equal window. Equal,
+    bit for bit on the CPU, to adaptive average pooling, whose CUDA backward is nondeterministic
+    (atomic adds); these have deterministic ones. Sizes that do not divide the map's fall back to
+    adaptive pooling (nondeterministic on CUDA; no pair of the zoo's nets on 32x32 images needs it)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    if tuple(size) == (1, 1):
+        return x.mean((2, 3), keepdim=True)
+    if h % size[0] or w % size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.avg_pool2d(x, (h // size[0], w // size[1]))
 
 
 class FeatureMethod(nn.Module):
@@ -60,7 +77,7 @@ def in_float32(terms: Terms) -> Terms:
 
     @functools.wraps(terms)
     def run(self: FeatureMethod, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        with torch.autocast(s.pooled.device.type, enabled=False):
+        with placement.autocast(s.pooled.device, enabled=False):
             return terms(self, as_float(s), as_float(t), batch, epoch)
 
     return run

@@ -74,16 +74,17 @@ class CRD(FeatureMethod):
         self.register_buffer("z", torch.full((2,), -1.0))  # normalising constants; < 0 until the first batch
 
     def negatives(self, idx: Tensor) -> Tensor:
-        """K indices per sample (B x K), uniform with replacement over the other samples, drawn from
-        torch's global CPU generator."""
-        drawn = torch.randint(self.num_samples - 1, (len(idx), self.nce_k))
+        """K indices per sample (B x K), uniform with replacement over the other samples, drawn on
+        idx's device from its default generator (torch's global one on the CPU)."""
+        drawn = torch.randint(self.num_samples - 1, (len(idx), self.nce_k), device=idx.device)
         return drawn + (drawn >= idx[:, None]).long()
 
     def scores(self, anchor: Tensor, bank: MemoryBank, contrast: Tensor, side: int) -> Tensor:
         e = torch.exp(torch.bmm(bank(contrast), anchor.unsqueeze(2)).squeeze(2) / self.nce_t)
-        if self.z[side] < 0:
-            self.z[side] = e.detach().mean() * self.num_samples
-        return e / float(self.z[side])
+        # Z is set by the first batch, on the device: the step never waits to read it
+        z = torch.where(self.z[side] < 0, e.detach().mean() * self.num_samples, self.z[side])
+        self.z[side] = z
+        return e / z
 
     def contrast_loss(self, e_s: Tensor, e_t: Tensor, contrast: Tensor) -> Tensor:
         """The two NCE losses for embeddings e_s, e_t (B x feat_dim) and contrast indices (B x (1 + K):
@@ -94,8 +95,8 @@ class CRD(FeatureMethod):
 
     @in_float32
     def terms(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        idx = batch.idx.cpu()
-        contrast = torch.cat([idx[:, None], self.negatives(idx)], 1).to(self.z.device)
+        idx = batch.idx.to(self.z.device)
+        contrast = torch.cat([idx[:, None], self.negatives(idx)], 1)
         e_s = F.normalize(self.embed_s(s.pooled.flatten(1)), dim=1)
         e_t = F.normalize(self.embed_t(t.pooled.detach().flatten(1)), dim=1)
         loss = self.contrast_loss(e_s, e_t, contrast)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayeskd.batch import Batch
-from bayeskd.feature.base import FeatureMethod, Features, paired
+from bayeskd.feature.base import FeatureMethod, Features, mean_pool, paired
 
 
 def same_size(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -17,9 +17,9 @@ def same_size(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     hs, ws = s.shape[-2:]
     ht, wt = t.shape[-2:]
     if hs * ws > ht * wt:
-        s = F.adaptive_avg_pool2d(s, (ht, wt))
+        s = mean_pool(s, (ht, wt))
     elif ht * wt > hs * ws:
-        t = F.adaptive_avg_pool2d(t, (hs, ws))
+        t = mean_pool(t, (hs, ws))
     return s, t
 
 

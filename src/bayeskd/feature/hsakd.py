@@ -10,6 +10,7 @@ from torchvision.ops import Conv2dNormActivation
 from bayeskd.batch import Batch
 from bayeskd.feature.base import FeatureMethod, Features, paired
 from bayeskd.losses import soft_kl as kl
+from bayeskd.zoo._layers import GlobalAvgPool
 
 ROTATIONS = 4
 
@@ -18,7 +19,7 @@ def aux_head(channels: int, outputs: int) -> nn.Module:
     """An auxiliary classifier on a stage map: conv3x3-BN-ReLU, global average pool, linear."""
     return nn.Sequential(
         Conv2dNormActivation(channels, channels, kernel_size=3),
-        nn.AdaptiveAvgPool2d(1),
+        GlobalAvgPool(),
         nn.Flatten(),
         nn.Linear(channels, outputs),
     )

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayeskd.batch import Batch
-from bayeskd.feature.base import FeatureMethod, Features, paired
+from bayeskd.feature.base import FeatureMethod, Features, mean_pool, paired
 
 HCL_LEVELS = (4, 2, 1)
 
@@ -21,7 +21,7 @@ def hcl(fs: Tensor, ft: Tensor) -> Tensor:
         if level >= fs.shape[-2]:
             continue
         weight /= 2
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
+        loss = loss + weight * F.mse_loss(mean_pool(fs, (level, level)), mean_pool(ft, (level, level)))
         total += weight
     return loss / total
 
