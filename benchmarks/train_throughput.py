@@ -30,7 +30,7 @@ from torchvision import transforms
 from bayeskd import nets
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
-from bayeskd.data import CIFAR
+from bayeskd.datasets.files import CIFAR
 from bayeskd.train import Checkpoint, TrainSet, default_device, fit, seed_everything
 
 _, _, MEAN, STD = CIFAR["cifar100"]

@@ -1,5 +1,12 @@
-"""Feature-based distillation methods, registered by name. The teacher runs online, since its
-features depend on the exact input; logit methods (bayeskd.distill) read the cache instead."""
+"""Distillation methods, each declared beside its code with `bayeskd.declare.method` (its name,
+hyperparameters with defaults and bounds, flags). Every module of this package is imported and its
+declared methods registered in `METHODS`, so a new method is a new module.
+
+Logit methods are functions `(student_logits, teacher_logits, targets, epoch, **hparams) ->
+{term: loss}` (`logit`): they need only the teacher's logits, so they run from the logit cache.
+Feature methods are `FeatureMethod` subclasses (`base`): they need the teacher's features, which
+depend on the exact input, so the teacher runs online. `epoch` counts from 0 in every method.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +15,30 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bayeskd import config
-from bayeskd.feature.base import FeatureMethod, paired
-from bayeskd.feature.crd import CRD
-from bayeskd.feature.hints import AT, VID, FitNet
-from bayeskd.feature.hsakd import HSAKD
-from bayeskd.feature.relations import CC, PKT, RKD, SP
-from bayeskd.feature.reviewkd import ReviewKD
+from bayeskd import declare
+from bayeskd.methods.base import FeatureMethod, paired
 from bayeskd.taps import Extractor, Features
 
-METHODS: dict[str, type[FeatureMethod]] = {
-    "fitnet": FitNet, "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT,
-    "crd": CRD, "reviewkd": ReviewKD, "hsakd": HSAKD,
+METHODS: dict[str, declare.MethodDecl] = declare.collect(__name__, __path__, declare.MethodDecl)
+LOGIT = {name: m.impl for name, m in METHODS.items() if not isinstance(m.impl, type)}
+FEATURE: dict[str, type[FeatureMethod]] = {
+    name: m.impl for name, m in METHODS.items() if isinstance(m.impl, type)
 }
 
-__all__ = ["METHODS", "FeatureMethod", "build", "create", "paired"]
+__all__ = ["FEATURE", "LOGIT", "METHODS", "FeatureMethod", "build", "create", "paired"]
 
 
 def create(name: str, student: Features, teacher: Features, num_samples: int,
            **hparams: float) -> FeatureMethod:
-    """Method `name` sized for these probe features, with its params.yaml defaults (bayeskd.config)
-    unless `hparams` overrides them."""
-    return METHODS[name](student, teacher, num_samples, **(config.hparams(name) | hparams))
+    """Feature method `name` sized for these probe features, with its declared defaults unless
+    `hparams` overrides them."""
+    return FEATURE[name](student, teacher, num_samples, **(METHODS[name].defaults() | hparams))
 
 
 def build(name: str, student: nn.Module, teacher: nn.Module, in_shape: Sequence[int], num_samples: int,
           **hparams: float) -> FeatureMethod:
-    """Method `name` for this pair of nets, sized by one probe batch through both (in eval mode, so
-    no batch-norm statistics move)."""
+    """Feature method `name` for this pair of nets, sized by one probe batch through both (in eval
+    mode, so no batch-norm statistics move)."""
     modes = student.training, teacher.training
     probe = torch.zeros(2, *in_shape, device=next(student.parameters()).device)
     with torch.no_grad():
@@ -49,7 +52,7 @@ def build(name: str, student: nn.Module, teacher: nn.Module, in_shape: Sequence[
     student.train(modes[0])
     teacher.train(modes[1])
     for role, features in (("student", s_probe), ("teacher", t_probe)):
-        if METHODS[name].uses_stages and not features.stages:
+        if FEATURE[name].uses_stages and not features.stages:
             raise ValueError(f"{name} matches stage feature maps and the {role} has none (only a pre-logit "
                              "vector); use nets with stages (the zoo, cnn_teacher, cnn_student)")
     return create(name, s_probe, t_probe, num_samples, **hparams)
