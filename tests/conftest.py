@@ -131,6 +131,8 @@ def check_dataset_contract(ds, cfg, directory: Path) -> None:
             assert 0 <= low and high <= 1
         if ds.info.get("uint8"):
             np.testing.assert_array_equal(np.round(s.x * 255) / 255, s.x)
+    rows = np.concatenate([s.x.reshape(len(s.x), -1) for s in ds.splits.values()])
+    assert len(np.unique(rows, axis=0)) == len(rows)  # no input twice: validation refuses it
     if "normalize" in ds.info:
         channels = ds.in_shape[0]
         assert declared.images and all(len(ds.info["normalize"][k]) == channels for k in ("mean", "std"))

@@ -85,8 +85,10 @@ def test_params_sync_sets_the_declared_defaults_and_keeps_everything_else(tmp_pa
     from bayeskd import cli
 
     text = (ROOT / "params.yaml").read_text()
-    kd, at, crd, hsakd = (defaults.method_line(m) + "\n" for m in ("kd", "at", "crd", "hsakd"))
-    assert kd in text and at in text and crd in text and hsakd in text
+    kd, at, crd = (defaults.method_line(m) + "\n" for m in ("kd", "at", "crd"))
+    assert kd in text and at in text and crd in text
+    others = [defaults.method_line(m) + "\n" for m, d in config.METHODS.items() if d.hparams and m != "crd"]
+    last = max(others, key=text.index)  # the last method line but crd's
     stale = (text.replace(kd, "  kd:  # block style\n    temperature: 3.0\n    ce_weight: 0.2\n")
              .replace(at, "  at: {weight: 15.0}  # digits\n").replace(crd, ""))
     (tmp_path / "params.yaml").write_text(stale)
@@ -96,7 +98,7 @@ def test_params_sync_sets_the_declared_defaults_and_keeps_everything_else(tmp_pa
     cli.main(["--repo", str(tmp_path), "params", "--sync"])
     assert "now hold what the declarations give" in capsys.readouterr().out
     # rewritten in place (a comment kept), the missing one added after the last
-    expected = text.replace(at, at[:-1] + "  # digits\n").replace(crd, "").replace(hsakd, hsakd + crd)
+    expected = text.replace(at, at[:-1] + "  # digits\n").replace(crd, "").replace(last, last + crd)
     assert (tmp_path / "params.yaml").read_text() == expected
     cli.main(["--repo", str(tmp_path), "params", "--sync"])
     assert "every section holds what the declarations give" in capsys.readouterr().out
