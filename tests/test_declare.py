@@ -70,7 +70,7 @@ def test_flags_go_to_classes_only():
 
 @pytest.mark.parametrize("source, message", [
     ('@method("x", weight=Float(compute()))\ndef x(): pass', r"toy.py:2: .* literals .* compute\(\)"),
-    ('@method("x", weight=1.0)\ndef x(): pass', "declare weight with Float"),
+    ('@method("x", weight=1.0)\ndef x(): pass', "toy.py:2: .*declare weight with Float"),
     ('@method("x")\ndef x(): pass\n@method("x")\ndef y(): pass', "'x' is declared twice"),
     ('@net("n", size=SIZE)\ndef n(): pass', r"toy.py:2: .*got SIZE"),
 ])

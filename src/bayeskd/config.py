@@ -27,13 +27,10 @@ from pydantic import (
 
 from bayeskd import declare
 from bayeskd.datasets import DATASETS
-from bayeskd.declare import Fraction, PositiveInt, Section
-
-__all__ = ["Fraction", "PositiveInt", "Section"]  # re-exported: the base and types of every section
+from bayeskd.declare import PositiveInt, Section
 
 PARAMS_FILE = "params.yaml"
 PACKAGE = Path(__file__).parent
-SCANNED = ("methods", "zoo")  # the packages whose declarations are read from source (dvc.yaml deps)
 
 TEACHER_LOSSES = ("ce", "mse", "ls")
 NETS: dict[str, declare.NetDecl] = declare.scan(PACKAGE / "zoo", declare.net)

@@ -106,12 +106,10 @@ class MethodDecl(Declaration):
         return {key: spec.default for key, spec in self.hparams.items()}
 
     def __call__(self, impl: Any) -> Any:
-        flags = {"single_process": self.single_process, "uses_stages": self.uses_stages,
-                 "in_float32": self.in_float32}
         if isinstance(impl, type):
-            for flag, value in flags.items():
-                setattr(impl, flag, value)
-        elif flags != {"single_process": False, "uses_stages": True, "in_float32": False}:
+            impl.single_process, impl.uses_stages = self.single_process, self.uses_stages
+            impl.in_float32 = self.in_float32
+        elif self.single_process or not self.uses_stages or self.in_float32:
             raise TypeError(f"method {self.name!r}: flags are for feature methods (classes), and "
                             f"{impl.__name__} is a function")
         return super().__call__(impl)
@@ -154,7 +152,7 @@ def method(name: str, *, single_process: bool = False, uses_stages: bool = True,
         if not isinstance(spec, Spec):
             raise TypeError(f"method {name!r}: declare {key} with Float(...) or Int(...), not {spec!r}")
     return MethodDecl(name, hparams=hparams, single_process=single_process, uses_stages=uses_stages,
-                  in_float32=in_float32)
+                      in_float32=in_float32)
 
 
 def net(name: str, **kwargs: Any) -> NetDecl:
@@ -215,7 +213,7 @@ def scan(package_dir: Path, decorator: Callable[..., Declaration]) -> dict[str, 
     from their source without importing them: what `collect` finds once they are imported, in the
     same order, without `impl`."""
     found: dict[str, Any] = {}
-    for path in sorted(Path(package_dir).glob("*.py")):
+    for path in sorted(p for p in Path(package_dir).glob("*.py") if p.name != "__init__.py"):
         for node in ast.parse(path.read_text(), str(path)).body:
             if not isinstance(node, ast.FunctionDef | ast.ClassDef):
                 continue
@@ -223,6 +221,10 @@ def scan(package_dir: Path, decorator: Callable[..., Declaration]) -> dict[str, 
                 if _callee(call) == decorator.__name__:
                     where = f"{path.name}:{call.lineno}"
                     args = [_literal(a, where) for a in call.args]
-                    _add(found, decorator(*args, **{k.arg: _literal(k.value, where) for k in call.keywords}),
-                         where)
+                    kwargs = {k.arg: _literal(k.value, where) for k in call.keywords}
+                    try:
+                        declared = decorator(*args, **kwargs)
+                    except TypeError as e:
+                        raise TypeError(f"{where}: {e}") from None
+                    _add(found, declared, where)
     return found
