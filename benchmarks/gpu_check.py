@@ -45,7 +45,7 @@ import train_throughput  # this folder's benchmarks
 from cache_speedup import student_run
 from torch._dynamo.utils import counters
 
-from bayeskd import cache, distill, export, feature, nets, placement
+from bayeskd import cache, distill, export, methods, nets, placement
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
 from bayeskd.io import write_json
@@ -211,7 +211,7 @@ def correctness(check: Check, s: dict, work: Path) -> None:
         f["bit_identical"] = f["max_weight_diff"] == 0.0
     with check.part("a7 every feature method, the same seed twice: largest weight difference") as f:
         n = s["a_method_images"]
-        for method in sorted(feature.METHODS):
+        for method in sorted(methods.FEATURE):
             runs = []
             for label in ("first", "again"):
                 seed_everything(0)

@@ -36,7 +36,7 @@ from bayeskd import nets, placement
 from bayeskd.augment import CropFlip
 from bayeskd.batch import LossFn
 from bayeskd.config import Optim
-from bayeskd.data import CIFAR
+from bayeskd.datasets.files import CIFAR
 from bayeskd.train import Placement, Tally, TrainSet, epoch_draws, make_optimizer, seed_everything, train_step
 
 _, _, MEAN, STD = CIFAR["cifar100"]

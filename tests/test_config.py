@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from bayeskd import config
+from bayeskd import config, defaults
 from conftest import ROOT, run
 
 
@@ -55,12 +55,69 @@ def test_params_yaml_lists_every_method_with_the_schema_defaults():
 def test_every_method_takes_exactly_its_schema_hyperparameters():
     import inspect
 
-    from bayeskd import distill, feature
+    from bayeskd import distill, methods
 
     for name in config.METHODS:
-        fn = distill.METHODS[name] if name in distill.METHODS else feature.METHODS[name].__init__
+        fn = distill.METHODS[name] if name in distill.METHODS else methods.FEATURE[name].__init__
         keyword_only = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
         assert sorted(keyword_only) == sorted(config.hparams(name)), name
+
+
+def test_the_schema_reads_the_declarations_the_registries_hold():
+    """config reads the methods and nets from source (declare.scan); the imported packages register
+    the same declarations, in the same order."""
+    from bayeskd import methods, zoo
+
+    assert config.METHODS == methods.METHODS and list(config.METHODS) == list(methods.METHODS)
+    assert config.NETS == zoo.NETS and list(config.NETS) == list(zoo.NETS)
+    assert set(methods.LOGIT) | set(methods.FEATURE) == set(methods.METHODS) and len(methods.FEATURE) == 10
+    for name, declared in methods.FEATURE.items():  # the decorator set each class's flags
+        assert declared.single_process == methods.METHODS[name].single_process
+        assert declared.in_float32 == methods.METHODS[name].in_float32
+
+
+def test_committed_params_yaml_is_what_bayeskd_params_sync_writes():
+    text = (ROOT / "params.yaml").read_text()
+    assert defaults.sync(text) == text
+
+
+def test_params_sync_sets_the_declared_defaults_and_keeps_everything_else(tmp_path, capsys):
+    from bayeskd import cli
+
+    text = (ROOT / "params.yaml").read_text()
+    kd, at, crd = (defaults.method_line(m) + "\n" for m in ("kd", "at", "crd"))
+    assert kd in text and at in text and crd in text
+    others = [defaults.method_line(m) + "\n" for m, d in config.METHODS.items() if d.hparams and m != "crd"]
+    last = max(others, key=text.index)  # the last method line but crd's
+    stale = (text.replace(kd, "  kd:  # block style\n    temperature: 3.0\n    ce_weight: 0.2\n")
+             .replace(at, "  at: {weight: 15.0}  # digits\n").replace(crd, ""))
+    (tmp_path / "params.yaml").write_text(stale)
+    cli.main(["--repo", str(tmp_path), "params"])  # prints, writes nothing
+    assert yaml.safe_load(capsys.readouterr().out)["student"]["crd"] == config.hparams("crd")
+    assert (tmp_path / "params.yaml").read_text() == stale
+    cli.main(["--repo", str(tmp_path), "params", "--sync"])
+    assert "now hold what the declarations give" in capsys.readouterr().out
+    # rewritten in place (a comment kept), the missing one added after the last
+    expected = text.replace(at, at[:-1] + "  # digits\n").replace(crd, "").replace(last, last + crd)
+    assert (tmp_path / "params.yaml").read_text() == expected
+    cli.main(["--repo", str(tmp_path), "params", "--sync"])
+    assert "every section holds what the declarations give" in capsys.readouterr().out
+
+
+def test_params_sync_adds_a_missing_dataset_section_with_its_declared_defaults():
+    from bayeskd import declare
+    from bayeskd.datasets import DATASETS
+
+    class Toy(config.Section):
+        test_fraction: float = 0.3
+        center: bool = False
+
+    toy = declare.dataset("toy", section=Toy, classes=3, images=False)
+    text = (ROOT / "params.yaml").read_text()
+    synced = defaults.sync(text, DATASETS | {"toy": toy})
+    assert synced == text.replace("\n  augment:", "\n  toy: {test_fraction: 0.3, center: false}\n  augment:")
+    chosen = synced.replace("test_fraction: 0.3", "test_fraction: 0.2")
+    assert defaults.sync(chosen, DATASETS | {"toy": toy}) == chosen  # a section that is there is the user's
 
 
 def test_validating_params_imports_no_torch():

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bayeskd import cache, distill, feature, nets, placement
+from bayeskd import cache, distill, methods, nets, placement
 from bayeskd.augment import CropFlip
 from bayeskd.batch import Batch
 from bayeskd.config import Optim
@@ -143,7 +143,7 @@ def test_online_kd_step():
     steps_on_meta(student, d.loss_fn, TrainSet(x, y, AUG))
 
 
-@pytest.mark.parametrize("method", sorted(feature.METHODS))
+@pytest.mark.parametrize("method", sorted(methods.FEATURE))
 def test_feature_method_step(method):
     x, y = data()
     student = net("cnn_student")

@@ -1,5 +1,6 @@
-"""The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits) and
-`diff` (the Markdown that the pull-request workflow posts)."""
+"""The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits), `diff` (the
+Markdown that the pull-request workflow posts), `preset` (a preset's overrides) and `params` (the
+methods' sections of params.yaml from their declarations)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bayeskd import config, report
+from bayeskd import config, defaults, report
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
 
@@ -40,6 +41,23 @@ def preset(args: argparse.Namespace) -> str:
     if not args.name:
         raise config.ParamsError("name a preset, or list them with `bayeskd preset --list`")
     return " ".join(config.preset_args(args.name, path)) + "\n"
+
+
+def params(args: argparse.Namespace) -> str:
+    path = Path(args.repo) / config.PARAMS_FILE
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise config.ParamsError(f"cannot read {path}: {e.strerror or e}") from None
+    synced = defaults.sync(text)
+    if not args.sync:
+        return synced
+    if synced == text:
+        return f"{path}: every section holds what the declarations give\n"
+    from bayeskd.io import write_text
+
+    write_text(path, synced)
+    return f"{path}: the methods' and datasets' sections now hold what the declarations give\n"
 
 
 def diff(args: argparse.Namespace) -> str:
@@ -78,6 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("--list", action="store_true", help="list the presets")
     p.set_defaults(run=preset)
+
+    s = sub.add_parser("params", help="params.yaml with each student.<method> section set to the method's "
+                       "declared defaults and missing dataset sections added (the rest unchanged)")
+    s.add_argument("--sync", action="store_true", help="write it to params.yaml instead of printing it")
+    s.set_defaults(run=params)
 
     d = sub.add_parser("diff", help="Markdown: params and metrics diff plus the comparison table, "
                        "as posted on pull requests")

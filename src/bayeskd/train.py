@@ -84,7 +84,7 @@ class TrainSet:
 
 def seed_everything(seed: int) -> None:
     """Seed torch and ask for deterministic algorithms: on the CPU runs then repeat bit for bit. On a
-    GPU the training paths have deterministic kernels only (pooling as means, see bayeskd.feature);
+    GPU the training paths have deterministic kernels only (pooling as means, see bayeskd.methods);
     an op without one (adaptive pooling of maps whose sizes do not divide) warns instead of stopping
     the run, and a repeated seed then agrees within what benchmarks/gpu_check.py measures."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on GPUs

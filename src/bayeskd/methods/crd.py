@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayeskd.batch import Batch
-from bayeskd.feature.base import FeatureMethod, Features, in_float32
+from bayeskd.declare import Float, Int, method
+from bayeskd.methods.base import FeatureMethod, Features
 
 
 class MemoryBank(nn.Module):
@@ -41,6 +42,10 @@ def nce_loss(p: Tensor, num_samples: int) -> Tensor:
     return -(positive + negatives).mean()
 
 
+@method("crd", single_process=True,  # memory banks per sample
+        uses_stages=False, in_float32=True, weight=Float(0.8, ge=0), ce_weight=Float(1.0, ge=0),
+        feat_dim=Int(128, gt=0), nce_k=Int(16384, gt=0), nce_t=Float(0.07, gt=0),
+        nce_m=Float(0.5, ge=0, le=1))
 class CRD(FeatureMethod):
     """CRD (Tian, Krishnan, Isola, ICLR 2020). The pooled vectors are embedded, e_s = normalize(W_s f_s)
     and e_t = normalize(W_t f_t), and each is contrasted against the other net's memory bank: for
@@ -53,9 +58,6 @@ class CRD(FeatureMethod):
     Deviation: the reference CIFAR code draws the negatives without replacement from the samples of
     other classes; here they are drawn i.i.d. uniformly (with replacement, the noise NCE assumes) from
     all other samples, since the labels of the training set are not at hand; K = min(nce_k, N - 1)."""
-
-    single_process = True  # memory banks per sample
-    uses_stages = False
 
     def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
                  ce_weight: float, feat_dim: int, nce_k: int, nce_t: float,
@@ -93,7 +95,6 @@ class CRD(FeatureMethod):
         p_t = self.scores(e_t, self.memory_s, contrast, 1)
         return nce_loss(p_s, self.num_samples) + nce_loss(p_t, self.num_samples)
 
-    @in_float32
     def terms(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
         idx = batch.idx.to(self.z.device)
         contrast = torch.cat([idx[:, None], self.negatives(idx)], 1)

@@ -3,9 +3,6 @@ average pooling with a deterministic CUDA backward."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,44 +37,44 @@ def mean_pool(x: Tensor, size: tuple[int, int]) -> Tensor:
 class FeatureMethod(nn.Module):
     """A feature-based KD method. Subclasses take, in this order, the student's and the teacher's
     `Features` of a probe batch (for shapes), the number of training samples, and keyword-only
-    hyperparameters with their defaults (these are the method's params.yaml keys). Their trainable
-    parts (connectors, heads) and buffers (memory banks) are submodules: they train with the student,
-    are saved in its checkpoint, and are not part of the exported student.
+    hyperparameters (declared with the class, `@method(name, ..., weight=Float(...), ...)`: these are
+    the method's params.yaml keys). Their trainable parts (connectors, heads) and buffers (memory
+    banks) are submodules: they train with the student, are saved in its checkpoint, and are not part
+    of the exported student.
 
     A call returns named loss terms: "ce" (ce_weight * cross-entropy on the labels) and the method's
-    own, which `terms` computes."""
+    own, which `terms` computes. `epoch` counts from 0."""
 
+    # flags, set by the method's declaration (bayeskd.declare.MethodDecl)
     single_process = False  # True: the method's state cannot be shared by DDP processes
     uses_stages = True  # False: the pre-logit vectors are all it needs
+    in_float32 = False  # True: `terms` runs outside autocast on float32 features
 
     def __init__(self, ce_weight: float):
         super().__init__()
         self.ce_weight = ce_weight
 
     def forward(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        """`epoch` counts from 1, as the reference code does (warm-ups reach full weight at epoch w)."""
-        return {"ce": self.ce_weight * F.cross_entropy(s.logits, batch.y)} | self.terms(s, t, batch, epoch)
+        ce = {"ce": self.ce_weight * F.cross_entropy(s.logits, batch.y)}
+        if self.in_float32:
+            return ce | terms_in_float32(self, s, t, batch, epoch)
+        return ce | self.terms(s, t, batch, epoch)
 
     def terms(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
 
-Terms = Callable[[FeatureMethod, Features, Features, Batch, int], dict[str, Tensor]]
+def _wide(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def in_float32(terms: Terms) -> Terms:
-    """`terms` run outside autocast on float32 features: batch relations computed in bf16 lose too much
-    (PKT's term, for one, comes out several times off)."""
+def _as_float(f: Features) -> Features:
+    return Features(_wide(f.logits), [_wide(x) for x in f.stages], _wide(f.pooled), f.rerun)
 
-    def wide(x: Tensor) -> Tensor:
-        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
-    def as_float(f: Features) -> Features:
-        return Features(wide(f.logits), [wide(x) for x in f.stages], wide(f.pooled), f.rerun)
-
-    @functools.wraps(terms)
-    def run(self: FeatureMethod, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        with placement.autocast(s.pooled.device, enabled=False):
-            return terms(self, as_float(s), as_float(t), batch, epoch)
-
-    return run
+def terms_in_float32(method: FeatureMethod, s: Features, t: Features, batch: Batch,
+                     epoch: int) -> dict[str, Tensor]:
+    """`method.terms` outside autocast on float32 features: batch relations computed in bf16 lose too
+    much (PKT's term, for one, comes out several times off)."""
+    with placement.autocast(s.pooled.device, enabled=False):
+        return method.terms(_as_float(s), _as_float(t), batch, epoch)
