@@ -1,8 +1,10 @@
 """Data-parallel training: two CPU processes (torchrun, gloo) against one, on the same global batch."""
 
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -38,6 +40,7 @@ if rank == 0:
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
@@ -71,10 +74,14 @@ def test_each_rank_gets_a_part_of_every_batch_and_a_tail_below_the_world_is_drop
     assert [len(s) for s in epoch_steps(torch.arange(130), 64, 1, 2)] == [32, 32, 1]  # 2 samples, 1 each
 
 
-def test_training_stage_with_two_processes(project):
+@pytest.mark.slow
+def test_training_stage_with_two_processes(built):
+    """The teacher stage under two processes, on the shared built project's prepared data."""
+    project = built
     params = tiny_params(**{"compute.processes": 2})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["python", "stages/prepare.py"], project)
+    (project / "models/teacher.safetensors").unlink()  # the outputs below are this run's
+    shutil.rmtree(project / "dvclive/teacher")
     out = run(["python", "-m", "bayeskd.launch", "stages/train_teacher.py"], project)
     assert out.stdout.count("teacher mlp_teacher (ce) done") == 1  # rank 0 alone reports and writes
     assert (project / "models/teacher.safetensors").exists()

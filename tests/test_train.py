@@ -105,6 +105,7 @@ def test_a_methods_own_parts_train_and_resume_bit_for_bit(tmp_path):
     assert not torch.equal(fresh["embed_s.weight"], whole[1]["embed_s.weight"])  # the embedding trained
 
 
+@pytest.mark.slow  # inductor's first compile takes a minute on 2 cores
 def test_compiled_training_matches_eager(tmp_path):
     cfg = CFG.model_copy(update={"epochs": 2})
     results = []
