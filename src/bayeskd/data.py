@@ -5,8 +5,9 @@ probability; `gaussian_images`, synthetic CIFAR-format images with exact p* (`ba
 and `digits`, scikit-learn's 8x8 digits. From disk through torchvision: `cifar10`,
 `cifar100` and `imagefolder`.
 
-A prepared dataset is a directory with `info.json` and one `<split>.npz` per split (train, test,
-and val unless it is empty) holding `x` (inputs), `y` (int64 labels) and, where the Bayes class
+A prepared dataset is a directory with `info.json` (sealed with the sha256 of its content) and one
+`<split>.npz` per split (train, test, and val unless it is empty; zip files with a CRC-32 per array)
+holding `x` (inputs), `y` (int64 labels) and, where the Bayes class
 probability is known, `p` (float64, p*(y|x) per class). In memory, inputs are float32; images are
 in [0, 1], stored on disk as uint8, and their normalisation (`info["normalize"]`, per-channel mean
 and std) belongs to the model (`bayeskd.nets.build(..., normalize=...)`), so augmentation pads with
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayeskd import config
+from bayeskd import config, integrity
 from bayeskd.config import Data, Digits, Gaussian, Images
 from bayeskd.dataset import DataError, Dataset, Split
 from bayeskd.io import json_text, outputs
@@ -190,11 +191,11 @@ def save(ds: Dataset, directory: str | Path) -> None:
             buffer = io.BytesIO()  # serialised first: numpy reports a short write without its reason
             np.savez(buffer, **arrays)
             out.path(directory / f"{name}.npz").write_bytes(buffer.getbuffer())
-        out.text(directory / "info.json", json_text({
+        out.text(directory / "info.json", json_text(integrity.seal({
             "name": ds.name, "num_classes": ds.num_classes, "in_shape": list(ds.in_shape),
             "sizes": {k: len(s.y) for k, s in ds.splits.items()}, "value_range": list(ds.value_range),
             **ds.info,
-        }))
+        })))
 
 
 def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
@@ -202,7 +203,7 @@ def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     directory = Path(directory)
     path = directory / "info.json"
     try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
+        meta = integrity.unseal(json.loads(path.read_bytes().decode("utf-8")))
         loaded = {}
         for name in (s for s in splits if s in meta["sizes"]):
             path = directory / f"{name}.npz"
@@ -214,5 +215,5 @@ def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
         return Dataset(meta["name"], meta["num_classes"], tuple(meta["in_shape"]), loaded,
                        tuple(meta["value_range"]), info)
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:  # JSON: ValueError
-        raise DataError(f"{path}: damaged ({type(e).__name__}: {str(e)[:200]}); restore it with "
-                        "`dvc checkout` or rebuild it with `dvc repro`") from None
+        raise DataError(f"{path}: damaged ({type(e).__name__}: {str(e)[:200]}); "
+                        f"{integrity.remedy(path)}") from None
