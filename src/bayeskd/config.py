@@ -8,6 +8,7 @@ are keyed by these lists and checked against them when imported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,6 +28,7 @@ from pydantic import (
 )
 
 PARAMS_FILE = "params.yaml"
+VALIDATED_FILE = "reports/params.validated.json"  # check_params' digest of the params.yaml it validated
 
 DATASETS = ("gaussian", "gaussian_images", "digits", "cifar10", "cifar100", "imagefolder")
 TEACHER_LOSSES = ("ce", "mse", "ls")
@@ -42,6 +45,23 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NetName = Literal[NETS]
 
 
+def bounded(low: int, high: int, why: str) -> type[int]:
+    """An int in [low, high]: bounds that catch typos (a runaway value starts runaway work); the
+    error names the range and `why`."""
+
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:,} and {high:,}: {why}")
+        return value
+
+    return Annotated[int, AfterValidator(check), Field(json_schema_extra={"minimum": low, "maximum": high})]
+
+
+Epochs = bounded(1, 10_000, "more is taken for a typo (the CIFAR recipe trains 240 epochs)")
+BatchSize = bounded(1, 65_536, "more is taken for a typo (the CIFAR recipe uses 64)")
+IMAGES_WHY = "more is taken for a typo (CIFAR has 50,000 training images)"
+
+
 def check_registry(kind: str, names: Iterable[str], implemented: Iterable[str]) -> None:
     """For registries, at import: they must implement exactly the names params.yaml may use."""
     if set(implemented) != set(names):
@@ -55,7 +75,7 @@ class Section(BaseModel):
 
 
 class Gaussian(Section):
-    n_samples: PositiveInt
+    n_samples: bounded(1, 10_000_000, "more is taken for a typo (the paper's benchmark draws 100,000)")
     n_classes: Annotated[int, Field(ge=2)]
     dim: PositiveInt
     noise_var: Annotated[float, Field(gt=0)]
@@ -69,6 +89,13 @@ class Gaussian(Section):
                 f"train_fraction + val_fraction = {self.train_fraction + self.val_fraction}: "
                 "must be below 1 so that a test split remains"
             )
+        n = self.n_samples
+        n_train, n_val = round(self.train_fraction * n), round(self.val_fraction * n)  # as data.make_gaussian
+        sizes = {"training": n_train, "validation": n_val, "test": n - n_train - n_val}
+        if min(sizes.values()) < self.n_classes:
+            shown = ", ".join(f"{size} {split}" for split, size in sizes.items())
+            raise ValueError(f"n_samples = {n} gives {shown} samples; each split needs at least n_classes = "
+                             f"{self.n_classes} (the data validation expects every class in every split)")
         return self
 
 
@@ -76,9 +103,9 @@ class GaussianImages(Section):
     """Synthetic CIFAR-format images with exact p* (bayeskd.synthetic): a latent Gaussian mixture per
     class, a smooth random linear decoder and isotropic pixel noise."""
 
-    n_train: PositiveInt
-    n_val: Annotated[int, Field(ge=0)]  # 0: no validation split
-    n_test: PositiveInt
+    n_train: bounded(1, 1_000_000, IMAGES_WHY)
+    n_val: bounded(0, 1_000_000, IMAGES_WHY)  # 0: no validation split
+    n_test: bounded(1, 1_000_000, IMAGES_WHY)
     n_classes: Annotated[int, Field(ge=2)]
     channels: PositiveInt
     image_size: PositiveInt
@@ -95,6 +122,12 @@ class GaussianImages(Section):
         if self.bayes_accuracy <= 1 / self.n_classes:
             raise ValueError(f"bayes_accuracy = {self.bayes_accuracy}: must be above chance, "
                              f"1/n_classes = {1 / self.n_classes:.4g}")
+        for split in ("n_train", "n_val", "n_test"):
+            n = getattr(self, split)
+            if 0 < n < self.n_classes:
+                raise ValueError(f"{split} = {n}: a split needs at least n_classes = {self.n_classes} images "
+                                 "(the data validation expects every class in every split)"
+                                 + ("; 0 for none" if split == "n_val" else ""))
         if 2 * self.margin + 1 >= self.image_size:
             raise ValueError(f"margin = {self.margin} leaves no pixels of a {self.image_size}-pixel image "
                              "to the decoder's fields; use less than (image_size - 1) / 2")
@@ -152,8 +185,8 @@ class Data(Section):
 class Optim(Section):
     """SGD with momentum and a step schedule: lr is multiplied by gamma after each milestone epoch."""
 
-    epochs: PositiveInt
-    batch_size: PositiveInt
+    epochs: Epochs
+    batch_size: BatchSize
     lr: Annotated[float, Field(gt=0)]
     momentum: Annotated[float, Field(ge=0, lt=1)]
     weight_decay: Annotated[float, Field(ge=0)]
@@ -166,6 +199,15 @@ class Optim(Section):
         if v != sorted(set(v)):
             raise ValueError(f"{v}: milestones must be strictly increasing")
         return v
+
+    @model_validator(mode="after")
+    def _milestones_within_the_epochs(self) -> Optim:
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ValueError(f"milestones = {self.milestones}: {', '.join(map(str, late))} not within the "
+                             f"{self.epochs} epochs; a milestone lies in 1..{self.epochs - 1} (the rate "
+                             f"falls after that many epochs, so at {self.epochs} or later it never falls)")
+        return self
 
 
 class Teacher(Section):
@@ -315,7 +357,8 @@ class Student(_MethodSections):
 
 class Cache(Section):
     dtype: Literal["float16", "bfloat16", "float32"]
-    shard_size: PositiveInt
+    shard_size: bounded(100, 1_000_000, "a shard is computed in memory, and fewer than 100 samples per "
+                        "shard is taken for a typo (the CIFAR presets use 5,000)")
     views: Literal["all"] | PositiveInt  # every view of the view space, or this many per sample
     topk: Annotated[int, Field(ge=0)]  # 0 stores all classes; k stores the k largest logits
     min_accuracy: Annotated[float, Field(ge=0, le=1)]  # the teacher's least plausible accuracy on its views
@@ -332,8 +375,8 @@ class Evaluate(Section):
 
 class Export(Section):
     opset: Annotated[int, Field(ge=17, le=23)]
-    batch_size: PositiveInt
-    latency_runs: PositiveInt
+    batch_size: BatchSize
+    latency_runs: bounded(1, 10_000, "more is taken for a typo (50 by default)")
     max_abs_diff: Annotated[float, Field(gt=0)]
 
 
@@ -365,7 +408,9 @@ def with_overrides(params: dict, overrides: dict[str, object], source: str = "ov
         *parents, key = dotted.split(".")
         node = params
         for part in parents:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ParamsError(f"{source}: {dotted} = {value!r}: {'.'.join(parents)} is not a section")
         node[key] = value
     parse(params, source)  # raises ParamsError naming key, value and what is allowed
     return params
@@ -385,9 +430,18 @@ def preset(name: str, path: str | Path = PRESETS_FILE) -> dict[str, object]:
 
 
 def presets_in(path: str | Path = PRESETS_FILE) -> dict[str, dict[str, object]]:
-    """Every preset of presets.yaml by name, as its complete dotted-key overrides."""
-    presets = yaml.safe_load(Path(path).read_text())
-    return {k: presets["recipe"] | v for k, v in presets["pairs"].items()} | presets.get("synthetic", {})
+    """Every preset of presets.yaml by name, as its complete dotted-key overrides; ParamsError naming
+    the file and what is wrong if it is not such a file."""
+    presets = read(path)
+    if not isinstance(presets, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (recipe, pairs, synthetic), found a "
+                          f"{type(presets).__name__}")
+    recipe, pairs, synthetic = presets.get("recipe"), presets.get("pairs"), presets.get("synthetic") or {}
+    named = lambda node: isinstance(node, dict) and all(isinstance(v, dict) for v in node.values())  # noqa: E731
+    if not (isinstance(recipe, dict) and named(pairs) and named(synthetic)):
+        raise ParamsError(f"{path}: expected `recipe` (key: value settings), `pairs` and optionally "
+                          "`synthetic` (each a mapping of preset names to key: value settings)")
+    return {k: recipe | v for k, v in pairs.items()} | synthetic
 
 
 def override_args(overrides: dict[str, object]) -> list[str]:
@@ -441,19 +495,72 @@ def parse(raw: object, source: str = PARAMS_FILE) -> Params:
         raise ParamsError("\n".join(lines)) from None
 
 
-def load(path: str | Path = PARAMS_FILE) -> Params:
-    path = Path(path)
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
+    Keys merged in with `<<:` may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: bytes | str, source: str) -> object:
+    """YAML text (UTF-8) as Python objects; ParamsError naming `source` if it is not UTF-8, not
+    YAML, or gives a key twice."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ParamsError(f"{path}: cannot read parameters: {e}") from None
-    return parse(raw, str(path))
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{source}: not UTF-8 text (byte 0x{text[e.start]:02x} at offset {e.start})") \
+            from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{source}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
 
 
-def load_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+def read(path: str | Path) -> object:
+    """A YAML file (params.yaml, presets.yaml) as Python objects; ParamsError naming the file."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_yaml(text, str(path))
+
+
+def digest(raw: object) -> str:
+    """The sha256 of parameter values (not of the file's bytes: comments and layout do not count).
+    check_params records the digest of the params.yaml it validated; each stage compares it."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_digest(path: str | Path = PARAMS_FILE) -> tuple[Params, str]:
+    """The parameters, validated, and the digest of their values, from one reading of the file."""
+    raw = read(path)
+    return parse(raw, str(path)), digest(raw)
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    return load_digest(path)[0]
+
+
+def load_digest_or_exit(path: str | Path = PARAMS_FILE) -> tuple[Params, str]:
     """For stage entry points: a bad params.yaml ends the process with exit code 2 and one message."""
     try:
-        return load(path)
+        return load_digest(path)
     except ParamsError as e:
         print(f"error: invalid parameters\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def load_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+    return load_digest_or_exit(path)[0]
