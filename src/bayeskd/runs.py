@@ -79,9 +79,8 @@ def problem(digest: str | None) -> str | None:
                 + ADVICE)
     marker, me = _read(MARKER), dvc_command()
     other = marker.get("dvc")
-    later = isinstance(other, dict) and other.get("pid") != (me or {}).get("pid") and (
-        marker.get("at", 0) > (me or {}).get("started", float("inf")))
-    if later:
+    if (me and isinstance(other, dict) and other.get("pid") != me["pid"]
+            and marker.get("at", 0) > me["started"]):  # validated by another DVC command since this began
         return (f"another DVC run (PID {other.get('pid')}: {other.get('cmd')}) rewrote params.yaml and "
                 "validated it after this run began; this stage stops before it mixes two runs' parameters. "
                 + ADVICE)
