@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd import cache, distill, nets
+from bayeskd import cache, distill, integrity, nets
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
 from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
@@ -180,6 +180,6 @@ def test_view_ids_outside_the_view_space_are_named_on_opening(tmp_path, setup):
     cache._save(tmp_path, cache.VIEWS, table)
     manifest = json.loads((tmp_path / cache.MANIFEST).read_text())
     manifest["view_table"]["sha256"] = hashlib.sha256((tmp_path / cache.VIEWS).read_bytes()).hexdigest()
-    (tmp_path / cache.MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / cache.MANIFEST).write_text(json.dumps(integrity.seal(manifest)))
     with pytest.raises(cache.CacheError, match=r"views.npy: view ids outside \[0, 18\)"):
         cache.LogitCache(tmp_path, num_samples=10, num_classes=10)

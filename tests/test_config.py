@@ -161,3 +161,89 @@ def test_bad_params_stop_a_stage_before_it_writes(project):
     assert "Traceback" not in result.stderr
     after = sorted(x.relative_to(project) for x in project.rglob("*") if ".git" not in x.parts)
     assert after == before
+
+
+BOUNDS = {
+    # mutation of params.yaml: the text its error holds (the key, the value, the range and the reason)
+    "runaway epochs": (lambda r: r["teacher"]["optim"].update(epochs=10**12),
+                       "teacher.optim.epochs = 1000000000000: must be between 1 and 10,000: more is taken "
+                       "for a typo (the CIFAR recipe trains 240 epochs)"),
+    "runaway batch": (lambda r: r["student"]["optim"].update(batch_size=640_000),
+                      "student.optim.batch_size = 640000: must be between 1 and 65,536"),
+    "runaway export batch": (lambda r: r["export"].update(batch_size=10**9),
+                             "export.batch_size = 1000000000"),
+    "runaway samples": (lambda r: r["data"]["gaussian"].update(n_samples=10**10),
+                        "data.gaussian.n_samples = 10000000000: must be between 1 and 10,000,000"),
+    "too few samples": (lambda r: r["data"]["gaussian"].update(n_samples=10),
+                        "data.gaussian: n_samples = 10 gives 0 training, 0 validation, 10 test samples; each "
+                        "split needs at least n_classes = 10"),
+    "runaway images": (lambda r: r["data"]["gaussian_images"].update(n_train=50_000_000),
+                       "data.gaussian_images.n_train = 50000000: must be between 1 and 1,000,000"),
+    "too few images": (lambda r: r["data"]["gaussian_images"].update(n_val=5),
+                       "n_val = 5: a split needs at least n_classes = 10 images"),
+    "tiny shards": (lambda r: r["cache"].update(shard_size=5), "cache.shard_size = 5: must be between 100 "
+                    "and 1,000,000: a shard is computed in memory, and fewer than 100 samples"),
+    "milestone at the last epoch": (lambda r: r["teacher"]["optim"].update(epochs=10, milestones=[7, 10]),
+                                    "teacher.optim: milestones = [7, 10]: 10 not within the 10 epochs; a "
+                                    "milestone lies in 1..9"),
+    "milestone past the last epoch": (lambda r: r["student"]["optim"].update(milestones=[150, 180, 210]),
+                                      "student.optim: milestones = [150, 180, 210]: 150, 180, 210 not"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOUNDS))
+def test_bounds_catch_typos_and_say_why(case):
+    mutate, expected = BOUNDS[case]
+    assert expected in error_for(mutate)
+
+
+def test_the_paper_recipe_is_within_the_bounds():
+    r = raw()
+    for role in ("teacher", "student"):
+        r[role]["optim"].update(epochs=240, milestones=[150, 180, 210], batch_size=64)
+    r["data"]["gaussian_images"].update(n_train=50_000, n_val=0, n_test=10_000)
+    r["cache"]["shard_size"] = 5000
+    p = config.parse(r)
+    assert p.teacher.optim.epochs == 240 and p.data.gaussian_images.n_val == 0
+    for name in config.presets_in(ROOT / "presets.yaml"):  # every preset too
+        config.parse(config.with_overrides(raw(), config.preset(name, ROOT / "presets.yaml")))
+
+
+@pytest.mark.parametrize("text,expected", [
+    (b"seed: 0\nseed: 1\n", "params.yaml: not valid YAML: duplicate key 'seed' at line 2, column 1"),
+    (b"seed: 0\n# caf\xe9\n", "params.yaml: not UTF-8 text (byte 0xe9 at offset 13)"),
+    (b"seed: [0\n", "params.yaml: not valid YAML: expected ',' or ']'"),
+])
+def test_params_yaml_that_is_no_clean_yaml_is_refused_by_check_params(tmp_path, text, expected):
+    """The stage itself, on a params.yaml with a duplicated key (plain YAML keeps the last one), a
+    non-UTF-8 byte or broken YAML: one error line, the file named, exit code 2, nothing written."""
+    (tmp_path / "params.yaml").write_bytes(text)
+    result = run(["python", str(ROOT / "stages/check_params.py")], tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: invalid parameters"]
+    assert expected in result.stderr
+    assert not (tmp_path / "reports").exists()
+
+
+def test_a_yaml_merge_may_override_keys():
+    text = "base: &b {x: 1, y: 2}\nderived:\n  <<: *b\n  y: 3\n"
+    assert config.parse_yaml(text, "t.yaml") == {"base": {"x": 1, "y": 2}, "derived": {"x": 1, "y": 3}}
+
+
+@pytest.mark.parametrize("text,expected", [
+    (b"recipe: [1\n", "presets.yaml: not valid YAML"),
+    (b"recipe: {}\n\xff\n", "presets.yaml: not UTF-8 text (byte 0xff"),
+    (b"- resnet\n- vgg\n", "presets.yaml: expected a mapping of sections (recipe, pairs, synthetic), "
+                          "found a list"),
+    (b"recipe: {}\npairs: [a, b]\n", "presets.yaml: expected `recipe` (key: value settings), `pairs`"),
+])
+@pytest.mark.parametrize("args", [["preset", "--list"], ["preset", "resnet32x4-resnet8x4"]])
+def test_a_damaged_presets_yaml_is_one_error_line(tmp_path, capsys, text, expected, args):
+    from bayeskd import cli
+
+    (tmp_path / "presets.yaml").write_bytes(text)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--repo", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error:") == 1 and expected in err, err

@@ -15,6 +15,9 @@ from conftest import ROOT, run
 
 # imported by torch itself when it exports to ONNX (torch.onnx.export(dynamo=True)), not by our code
 RUNTIME_IMPORTS = {"onnxscript"}
+# imported only where the check never goes: bayeskd.integrity opens DVC to find its cache when it
+# names the command that restores a damaged file, and gives the general advice where DVC is missing
+NOT_REACHED = {"dvc"}
 
 
 @pytest.mark.slow
@@ -72,7 +75,8 @@ def third_party_imports(script: Path) -> set[str]:
                 files = [project_file(".".join(name.split(".")[:i])) for i in range(1, name.count(".") + 2)]
                 todo += [f for f in files if f]
                 top = name.split(".")[0]
-                if top != "bayeskd" and not any(files) and top not in sys.stdlib_module_names:
+                if (top != "bayeskd" and not any(files) and top not in sys.stdlib_module_names
+                        and top not in NOT_REACHED):
                     found.add(top)
     return found
 

@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from bayeskd import nets
 from bayeskd.report import runs_in
@@ -103,8 +102,8 @@ def test_views_through_the_stages_and_a_stale_cache_is_refused(project):
     run(["python", "stages/distill.py"], project)
 
     weights = nets.read_weights(project / "models/teacher.safetensors")  # another teacher: moved weights
-    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
-              str(project / "models/teacher.safetensors"))
+    nets.save_tensors({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+                      project / "models/teacher.safetensors")
     stale = run(["python", "stages/distill.py"], project, check=False)
     assert stale.returncode == 2
     assert "teacher_sha256" in stale.stderr and "rerun the cache_logits" in stale.stderr

@@ -9,7 +9,8 @@ On disk, in one directory:
   the other classes, so softmax at temperature 1 keeps the top-k probabilities and the rest's total).
   float16 and float32 are stored as such; bfloat16 as its raw 16 bits (numpy has no bfloat16).
 - `manifest.json`: counts, dtype, top-k, the augmentation spec, the teacher checkpoint's sha256,
-  and every file's sha256. Written last: without it the cache is incomplete.
+  and every file's sha256, sealed with the sha256 of its own content (`bayeskd.integrity.seal`).
+  Written last: without it the cache is incomplete.
 - `progress.json` while building: the shards done so far, so a killed build resumes from the last
   complete shard (if the teacher, views and format are the same).
 
@@ -32,12 +33,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bayeskd import placement
+from bayeskd import integrity, placement
 from bayeskd.augment import CropFlip
 from bayeskd.io import Failure, atomic_path, sha256_file, write_json
 from bayeskd.placement import Teacher
 
-FORMAT = "bayeskd.logit_cache/2"
+FORMAT = "bayeskd.logit_cache/3"  # 3: the manifest is sealed
 MANIFEST, PROGRESS, VIEWS = "manifest.json", "progress.json", "views.npy"
 IDENTITY = {"name": "identity", "views": 1}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -52,7 +53,7 @@ def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheError(f"{path}: damaged ({type(e).__name__}: {e}); rerun the cache_logits stage") from None
+        raise CacheError(f"{path}: damaged ({type(e).__name__}: {e}); {integrity.remedy(path)}") from None
 
 
 def _encode(t: Tensor, dtype: str) -> np.ndarray:
@@ -173,7 +174,7 @@ def build(model: nn.Module, x: Tensor, y: Tensor, directory: str | Path, *, num_
             f"({logits.shape[0] * logits.shape[1] / seconds:.0f} views/s)")
     manifest = identity | {"view_table": {"file": VIEWS, "sha256": views_sha},
                            "shards": sorted(progress["shards"], key=lambda s: s["index"])}
-    write_json(directory / MANIFEST, manifest)
+    write_json(directory / MANIFEST, integrity.seal(manifest))
     progress_path.unlink()
     return manifest
 
@@ -189,11 +190,22 @@ class LogitCache:
         self.directory = d = Path(directory)
         if not (d / MANIFEST).exists():
             raise CacheError(f"{d / MANIFEST}: no cache manifest; run the cache_logits stage first")
-        self.manifest = m = _read_json(d / MANIFEST)
+        m = _read_json(d / MANIFEST)
+        damaged = lambda why: CacheError(f"{d / MANIFEST}: damaged ({why}); "  # noqa: E731
+                                         f"{integrity.remedy(d / MANIFEST)}")
+        sealed = isinstance(m, dict) and integrity.SEAL_KEY in m
+        if sealed:  # damage before staleness: a damaged manifest is no cache of another build
+            try:
+                m = integrity.unseal(m)
+            except ValueError as e:
+                raise damaged(e) from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             found = m.get("format") if isinstance(m, dict) else type(m).__name__
             raise CacheError(f"{d / MANIFEST}: format {found!r}, expected {FORMAT!r}; "
                              "rerun the cache_logits stage")
+        if not sealed:
+            raise damaged("no sha256 seal")
+        self.manifest = m
         try:
             expected = {"num_samples": num_samples, "num_classes": num_classes,
                         "teacher_sha256": teacher_sha256, "augmentation": augmentation}
@@ -216,7 +228,8 @@ class LogitCache:
     def _load(self, name: str, sha: str) -> np.ndarray:
         path = self.directory / name
         if not path.exists() or sha256_file(path) != sha:
-            raise CacheError(f"{path}: missing or corrupted (sha256 differs from the manifest)")
+            raise CacheError(f"{path}: missing or corrupted (sha256 differs from the manifest); "
+                             f"{integrity.remedy(path)}")
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as e:

@@ -1,6 +1,7 @@
 """The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits), `diff` (the
-Markdown that the pull-request workflow posts), `preset` (a preset's overrides) and `params` (the
-methods' sections of params.yaml from their declarations)."""
+Markdown that the pull-request workflow posts), `preset` (a preset as `dvc exp run` overrides),
+`params` (the methods' sections of params.yaml from their declarations) and `verify` (every output
+against dvc.lock, its own digest and the DVC cache)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bayeskd import config, defaults, report
+from bayeskd import config, defaults, integrity, report
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
 
@@ -36,7 +37,7 @@ def preset(args: argparse.Namespace) -> str:
     if not path.is_file():
         raise config.ParamsError(f"{path} not found: run in the project, or pass --repo")
     if args.list:
-        return "".join(f"{name}: {p['data.name']}, {p['teacher.net']} -> {p['student.net']}\n"
+        return "".join(f"{name}: {p.get('data.name')}, {p.get('teacher.net')} -> {p.get('student.net')}\n"
                        for name, p in config.presets_in(path).items())
     if not args.name:
         raise config.ParamsError("name a preset, or list them with `bayeskd preset --list`")
@@ -58,6 +59,19 @@ def params(args: argparse.Namespace) -> str:
 
     write_text(path, synced)
     return f"{path}: the methods' and datasets' sections now hold what the declarations give\n"
+
+
+def verify(args: argparse.Namespace) -> str:
+    """One line per bad output file (what is wrong, the command that restores it), then one error."""
+    try:
+        problems, checked = integrity.verify(args.repo)
+    except ValueError as e:  # no or a damaged dvc.lock, no DVC project
+        raise RuntimeError(str(e)) from None
+    if problems:
+        print("\n".join(problems))
+        raise RuntimeError(f"{len(problems)} of the {checked} output files or their copies in the DVC cache "
+                           "are bad (listed above)")
+    return f"{checked} output files match dvc.lock and their own digests; the DVC cache's copies are intact\n"
 
 
 def diff(args: argparse.Namespace) -> str:
@@ -101,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
                        "declared defaults and missing dataset sections added (the rest unchanged)")
     s.add_argument("--sync", action="store_true", help="write it to params.yaml instead of printing it")
     s.set_defaults(run=params)
+
+    v = sub.add_parser("verify", help="check every output in the workspace against dvc.lock and its own "
+                       "digest, and the DVC cache's copies; name each bad file and the command that "
+                       "restores it (exit code 1)")
+    v.set_defaults(run=verify)
 
     d = sub.add_parser("diff", help="Markdown: params and metrics diff plus the comparison table, "
                        "as posted on pull requests")

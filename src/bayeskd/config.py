@@ -9,6 +9,7 @@ listed here (bayeskd.losses checks its registry against the list).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterable
@@ -27,10 +28,11 @@ from pydantic import (
 
 from bayeskd import declare
 from bayeskd.datasets import DATASETS
-from bayeskd.declare import PositiveInt, Section
+from bayeskd.declare import PositiveInt, Section, bounded
 
 PARAMS_FILE = "params.yaml"
 PACKAGE = Path(__file__).parent
+VALIDATED_FILE = "reports/params.validated.json"  # check_params' digest of the params.yaml it validated
 
 TEACHER_LOSSES = ("ce", "mse", "ls")
 DEVICES = ("auto", "cpu", "cuda")  # compute.device (bayeskd.placement)
@@ -38,6 +40,10 @@ NETS: dict[str, declare.NetDecl] = declare.scan(PACKAGE / "zoo", declare.net)
 METHODS: dict[str, declare.MethodDecl] = declare.scan(PACKAGE / "methods", declare.method)
 
 NetName = Literal[tuple(NETS)]
+
+
+Epochs = bounded(1, 10_000, "more is taken for a typo (the CIFAR recipe trains 240 epochs)")
+BatchSize = bounded(1, 65_536, "more is taken for a typo (the CIFAR recipe uses 64)")
 
 
 def check_registry(kind: str, names: Iterable[str], implemented: Iterable[str]) -> None:
@@ -87,8 +93,8 @@ Data = create_model(
 class Optim(Section):
     """SGD with momentum and a step schedule: lr is multiplied by gamma after each milestone epoch."""
 
-    epochs: PositiveInt
-    batch_size: PositiveInt
+    epochs: Epochs
+    batch_size: BatchSize
     lr: Annotated[float, Field(gt=0)]
     momentum: Annotated[float, Field(ge=0, lt=1)]
     weight_decay: Annotated[float, Field(ge=0)]
@@ -101,6 +107,15 @@ class Optim(Section):
         if v != sorted(set(v)):
             raise ValueError(f"{v}: milestones must be strictly increasing")
         return v
+
+    @model_validator(mode="after")
+    def _milestones_within_the_epochs(self) -> Optim:
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ValueError(f"milestones = {self.milestones}: {', '.join(map(str, late))} not within the "
+                             f"{self.epochs} epochs; a milestone lies in 1..{self.epochs - 1} (the rate "
+                             f"falls after that many epochs, so at {self.epochs} or later it never falls)")
+        return self
 
 
 class Teacher(Section):
@@ -143,7 +158,8 @@ class Student(_MethodSections):
 
 class Cache(Section):
     dtype: Literal["float16", "bfloat16", "float32"]
-    shard_size: PositiveInt
+    shard_size: bounded(100, 1_000_000, "a shard is computed in memory, and fewer than 100 samples per "
+                        "shard is taken for a typo (the CIFAR presets use 5,000)")
     views: Literal["all"] | PositiveInt  # every view of the view space, or this many per sample
     topk: Annotated[int, Field(ge=0)]  # 0 stores all classes; k stores the k largest logits
     min_accuracy: Annotated[float, Field(ge=0, le=1)]  # the teacher's least plausible accuracy on its views
@@ -162,8 +178,8 @@ class Evaluate(Section):
 
 class Export(Section):
     opset: Annotated[int, Field(ge=17, le=23)]
-    batch_size: PositiveInt
-    latency_runs: PositiveInt
+    batch_size: BatchSize
+    latency_runs: bounded(1, 10_000, "more is taken for a typo (50 by default)")
     max_abs_diff: Annotated[float, Field(gt=0)]
 
 
@@ -194,7 +210,9 @@ def with_overrides(params: dict, overrides: dict[str, object], source: str = "ov
         *parents, key = dotted.split(".")
         node = params
         for part in parents:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ParamsError(f"{source}: {dotted} = {value!r}: {'.'.join(parents)} is not a section")
         node[key] = value
     parse(params, source)  # raises ParamsError naming key, value and what is allowed
     return params
@@ -214,9 +232,18 @@ def preset(name: str, path: str | Path = PRESETS_FILE) -> dict[str, object]:
 
 
 def presets_in(path: str | Path = PRESETS_FILE) -> dict[str, dict[str, object]]:
-    """Every preset of presets.yaml by name, as its complete dotted-key overrides."""
-    presets = yaml.safe_load(Path(path).read_text())
-    return {k: presets["recipe"] | v for k, v in presets["pairs"].items()} | presets.get("synthetic", {})
+    """Every preset of presets.yaml by name, as its complete dotted-key overrides; ParamsError naming
+    the file and what is wrong if it is not such a file."""
+    presets = read(path)
+    if not isinstance(presets, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (recipe, pairs, synthetic), found a "
+                          f"{type(presets).__name__}")
+    recipe, pairs, synthetic = presets.get("recipe"), presets.get("pairs"), presets.get("synthetic") or {}
+    named = lambda node: isinstance(node, dict) and all(isinstance(v, dict) for v in node.values())  # noqa: E731
+    if not (isinstance(recipe, dict) and named(pairs) and named(synthetic)):
+        raise ParamsError(f"{path}: expected `recipe` (key: value settings), `pairs` and optionally "
+                          "`synthetic` (each a mapping of preset names to key: value settings)")
+    return {k: recipe | v for k, v in pairs.items()} | synthetic
 
 
 def override_args(overrides: dict[str, object]) -> list[str]:
@@ -270,19 +297,72 @@ def parse(raw: object, source: str = PARAMS_FILE) -> Params:
         raise ParamsError("\n".join(lines)) from None
 
 
-def load(path: str | Path = PARAMS_FILE) -> Params:
-    path = Path(path)
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
+    Keys merged in with `<<:` may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: bytes | str, source: str) -> object:
+    """YAML text (UTF-8) as Python objects; ParamsError naming `source` if it is not UTF-8, not
+    YAML, or gives a key twice."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ParamsError(f"{path}: cannot read parameters: {e}") from None
-    return parse(raw, str(path))
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{source}: not UTF-8 text (byte 0x{text[e.start]:02x} at offset {e.start})") \
+            from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{source}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
 
 
-def load_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+def read(path: str | Path) -> object:
+    """A YAML file (params.yaml, presets.yaml) as Python objects; ParamsError naming the file."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_yaml(text, str(path))
+
+
+def digest(raw: object) -> str:
+    """The sha256 of parameter values (not of the file's bytes: comments and layout do not count).
+    check_params records the digest of the params.yaml it validated; each stage compares it."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_digest(path: str | Path = PARAMS_FILE) -> tuple[Params, str]:
+    """The parameters, validated, and the digest of their values, from one reading of the file."""
+    raw = read(path)
+    return parse(raw, str(path)), digest(raw)
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    return load_digest(path)[0]
+
+
+def load_digest_or_exit(path: str | Path = PARAMS_FILE) -> tuple[Params, str]:
     """For stage entry points: a bad params.yaml ends the process with exit code 2 and one message."""
     try:
-        return load(path)
+        return load_digest(path)
     except ParamsError as e:
         print(f"error: invalid parameters\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def load_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+    return load_digest_or_exit(path)[0]

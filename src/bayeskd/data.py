@@ -6,10 +6,10 @@ CIFAR-format images with exact p*; and `digits`, scikit-learn's 8x8 digits. From
 torchvision: `cifar10`, `cifar100` and `imagefolder`. Their in-memory contract (float32 inputs,
 images in [0, 1], normalisation in the model) is stated in bayeskd.datasets.
 
-A prepared dataset is a directory with `info.json` and one `<split>.npz` per split (train, test,
-and val unless it is empty) holding `x` (inputs), `y` (int64 labels) and, where the Bayes class
-probability is known, `p` (float64, p*(y|x) per class). Images on the uint8 grid (`info["uint8"]`)
-are stored as uint8.
+A prepared dataset is a directory with `info.json` (sealed with the sha256 of its content) and one
+`<split>.npz` per split (train, test, and val unless it is empty; zip files with a CRC-32 per array)
+holding `x` (inputs), `y` (int64 labels) and, where the Bayes class probability is known, `p`
+(float64, p*(y|x) per class). Images on the uint8 grid (`info["uint8"]`) are stored as uint8.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bayeskd import integrity
 from bayeskd.config import Data
 from bayeskd.datasets import DATASETS
 from bayeskd.datasets.base import DataError, Dataset, Split
@@ -57,11 +58,11 @@ def save(ds: Dataset, directory: str | Path) -> None:
             buffer = io.BytesIO()  # serialised first: numpy reports a short write without its reason
             np.savez(buffer, **arrays)
             out.path(directory / f"{name}.npz").write_bytes(buffer.getbuffer())
-        out.text(directory / "info.json", json_text({
+        out.text(directory / "info.json", json_text(integrity.seal({
             "name": ds.name, "num_classes": ds.num_classes, "in_shape": list(ds.in_shape),
             "sizes": {k: len(s.y) for k, s in ds.splits.items()}, "value_range": list(ds.value_range),
             **ds.info,
-        }))
+        })))
 
 
 def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
@@ -69,7 +70,7 @@ def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     directory = Path(directory)
     path = directory / "info.json"
     try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
+        meta = integrity.unseal(json.loads(path.read_bytes().decode("utf-8")))
         loaded = {}
         for name in (s for s in splits if s in meta["sizes"]):
             path = directory / f"{name}.npz"
@@ -81,5 +82,5 @@ def load(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
         return Dataset(meta["name"], meta["num_classes"], tuple(meta["in_shape"]), loaded,
                        tuple(meta["value_range"]), info)
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:  # JSON: ValueError
-        raise DataError(f"{path}: damaged ({type(e).__name__}: {str(e)[:200]}); restore it with "
-                        "`dvc checkout` or rebuild it with `dvc repro`") from None
+        raise DataError(f"{path}: damaged ({type(e).__name__}: {str(e)[:200]}); "
+                        f"{integrity.remedy(path)}") from None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -42,6 +42,20 @@ class Section(BaseModel):
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def bounded(low: int, high: int, why: str) -> type[int]:
+    """An int in [low, high]: bounds that catch typos (a runaway value starts runaway work); the
+    error names the range and `why`."""
+
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:,} and {high:,}: {why}")
+        return value
+
+    return Annotated[int, AfterValidator(check), Field(json_schema_extra={"minimum": low, "maximum": high})]
+
+
 BOUNDS = ("gt", "ge", "lt", "le")
 
 

@@ -8,14 +8,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from bayeskd import integrity
+
 STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata holding absolute source paths
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     """The serialised ONNX model, with a dynamic batch axis and without the exporter's per-node
     Python stack traces (they hold this machine's paths and make equal models differ between
-    checkouts); checked by onnx.checker. Exported from the CPU (the model moves there; an ONNX
-    model holds no device), with the example input there too."""
+    checkouts); checked by onnx.checker; carrying the sha256 of its content in its metadata. Exported
+    from the CPU (the model moves there; an ONNX model holds no device), with the example input there
+    too."""
     import onnx
 
     model.eval().cpu()
@@ -29,7 +32,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
     onnx.checker.check_model(exported, full_check=True)
-    return exported.SerializeToString()
+    return integrity.onnx_with_digest(exported.SerializeToString())
 
 
 def check(onnx_model: bytes, model: nn.Module, x: torch.Tensor, batch_size: int, runs: int,

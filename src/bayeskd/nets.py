@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bayeskd import zoo
+from bayeskd import integrity, zoo
 from bayeskd.io import Failure
 
 NETS = zoo.NETS
@@ -48,24 +48,37 @@ class WeightsError(Failure):
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
+    save_tensors(model.state_dict(), path)
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Tensors (a state dict) as safetensors, with the sha256 of the tensors in the metadata."""
     from safetensors.torch import save
 
     from bayeskd.io import atomic_path
 
+    digest, _ = integrity.weights_digests(save(state))
     with atomic_path(path) as tmp:
-        tmp.write_bytes(save(model.state_dict()))
+        tmp.write_bytes(save(state, metadata={integrity.DIGEST_KEY: digest}))
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; WeightsError naming the file if it cannot be read."""
+    """The tensors of a safetensors file whose content matches the sha256 in its metadata;
+    WeightsError naming the file, what is wrong and the command that restores it otherwise."""
     from safetensors.torch import load
 
     try:
-        return load(Path(path).read_bytes())
+        raw = Path(path).read_bytes()
+        actual, recorded = integrity.weights_digests(raw)
+        tensors = load(raw)
     except Exception as e:  # a missing, truncated or foreign file: safetensors raises several kinds
         reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0][:200] or type(e).__name__
-        raise WeightsError(f"cannot read {path}: {reason}; restore it with `dvc checkout` or rebuild it "
-                           "with `dvc repro`") from None
+        raise WeightsError(f"cannot read {path}: {reason}; {integrity.remedy(path)}") from None
+    if actual != recorded:
+        why = ("no sha256 in its metadata" if recorded is None
+               else "its tensors do not match the sha256 in its metadata")
+        raise WeightsError(f"{path}: damaged ({why}); {integrity.remedy(path)}")
+    return tensors
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import io
 import os
 import pickle
@@ -147,9 +148,34 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 4096, device: torch.d
                       for i in range(0, len(x), batch_size)]).cpu()
 
 
+def _content_sha256(state: object) -> str:
+    """The sha256 of a checkpoint's content: its tensors (dtype, shape, bytes) and other values."""
+    h = hashlib.sha256()
+
+    def walk(x: object) -> None:
+        if isinstance(x, Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"tensor {t.dtype} {tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for key in sorted(x, key=repr):
+                h.update(repr(key).encode())
+                walk(x[key])
+        elif isinstance(x, list | tuple):
+            h.update(f"{type(x).__name__} {len(x)}".encode())
+            for value in x:
+                walk(value)
+        else:
+            h.update(repr(x).encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
 class Checkpoint:
     """The training state after the last finished epoch, at `path`, for the run named by
-    `fingerprint` only. Loaded with weights_only=True; an unreadable file is moved aside."""
+    `fingerprint` only, with the sha256 of its content. Loaded with weights_only=True; an unreadable
+    or damaged file is moved aside."""
 
     KEYS = {"fingerprint", "model", "extra", "optimizer", "rng", "history"}
 
@@ -163,6 +189,8 @@ class Checkpoint:
             state = torch.load(self.path, weights_only=True, map_location="cpu")
             if not (isinstance(state, dict) and self.KEYS <= state.keys()):
                 raise ValueError("not a training checkpoint")
+            if state.pop("sha256", None) != _content_sha256(state):  # torch.load checks no checksum
+                raise ValueError("its content does not match its sha256")
         except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
             aside = self.path.with_name(self.path.name + ".unreadable")
             os.replace(self.path, aside)
@@ -177,7 +205,8 @@ class Checkpoint:
 
     def save(self, **state: object) -> None:
         buffer = io.BytesIO()  # serialised first, so that a failed write is an OSError of ours
-        torch.save({"fingerprint": self.fingerprint, **state}, buffer)
+        state = {"fingerprint": self.fingerprint, **state}
+        torch.save(state | {"sha256": _content_sha256(state)}, buffer)
         with atomic_path(self.path) as tmp:
             tmp.write_bytes(buffer.getbuffer())
 

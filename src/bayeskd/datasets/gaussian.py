@@ -8,11 +8,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from bayeskd.datasets.base import Dataset, Split
-from bayeskd.declare import Fraction, PositiveInt, Section, dataset
+from bayeskd.declare import Fraction, PositiveInt, Section, bounded, dataset
 
 
 class Gaussian(Section):
-    n_samples: PositiveInt
+    n_samples: bounded(1, 10_000_000, "more is taken for a typo (the paper's benchmark draws 100,000)")
     n_classes: Annotated[int, Field(ge=2)]
     dim: PositiveInt
     noise_var: Annotated[float, Field(gt=0)]
@@ -26,6 +26,13 @@ class Gaussian(Section):
                 f"train_fraction + val_fraction = {self.train_fraction + self.val_fraction}: "
                 "must be below 1 so that a test split remains"
             )
+        n = self.n_samples
+        n_train, n_val = round(self.train_fraction * n), round(self.val_fraction * n)  # as make_gaussian
+        sizes = {"training": n_train, "validation": n_val, "test": n - n_train - n_val}
+        if min(sizes.values()) < self.n_classes:
+            shown = ", ".join(f"{size} {split}" for split, size in sizes.items())
+            raise ValueError(f"n_samples = {n} gives {shown} samples; each split needs at least n_classes = "
+                             f"{self.n_classes} (the data validation expects every class in every split)")
         return self
 
 

@@ -53,20 +53,21 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from bayeskd.datasets.base import DataError, Dataset, Split
-from bayeskd.declare import Fraction, PositiveInt, Section, dataset
+from bayeskd.declare import Fraction, PositiveInt, Section, bounded, dataset
 
 CHUNK = 2000  # images generated at a time
 OFFSET = 0.5  # b: mid grey
 MAX_CLIPPED = 1e-5  # the largest share of pixel values that may be clipped to [0, 1]
 CALIBRATION_SAMPLES = 40_000  # latent draws that estimate the Bayes accuracy during calibration
+IMAGES_WHY = "more is taken for a typo (CIFAR has 50,000 training images)"
 
 
 class GaussianImages(Section):
     """The generative model's parameters (see the module docstring)."""
 
-    n_train: PositiveInt
-    n_val: Annotated[int, Field(ge=0)]  # 0: no validation split
-    n_test: PositiveInt
+    n_train: bounded(1, 1_000_000, IMAGES_WHY)
+    n_val: bounded(0, 1_000_000, IMAGES_WHY)  # 0: no validation split
+    n_test: bounded(1, 1_000_000, IMAGES_WHY)
     n_classes: Annotated[int, Field(ge=2)]
     channels: PositiveInt
     image_size: PositiveInt
@@ -83,6 +84,12 @@ class GaussianImages(Section):
         if self.bayes_accuracy <= 1 / self.n_classes:
             raise ValueError(f"bayes_accuracy = {self.bayes_accuracy}: must be above chance, "
                              f"1/n_classes = {1 / self.n_classes:.4g}")
+        for split in ("n_train", "n_val", "n_test"):
+            n = getattr(self, split)
+            if 0 < n < self.n_classes:
+                raise ValueError(f"{split} = {n}: a split needs at least n_classes = {self.n_classes} images "
+                                 "(the data validation expects every class in every split)"
+                                 + ("; 0 for none" if split == "n_val" else ""))
         if 2 * self.margin + 1 >= self.image_size:
             raise ValueError(f"margin = {self.margin} leaves no pixels of a {self.image_size}-pixel image "
                              "to the decoder's fields; use less than (image_size - 1) / 2")
