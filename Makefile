@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run test lint postgresql
+.PHONY: setup run test test-fast docs lint postgresql
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ run: setup
 test: setup postgresql
 	$(BIN)/ruff check .
 	. $(BIN)/activate && pytest
+
+test-fast: setup
+	. $(BIN)/activate && pytest -m "not slow"
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check .

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import bayeskd
-from bayeskd import config, nets
+from bayeskd import config, nets, runs
 from bayeskd.augment import CropFlip
 from bayeskd.batch import EpochHook
 from bayeskd.data import Dataset
@@ -39,13 +39,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def stage(main: Callable[[], None]) -> None:
     """Run a stage's main. What a user can meet and fix (a damaged or missing input, a full disk, a
     read-only output, a loss that diverged) ends the stage with one `error:` line, not a traceback;
-    outputs are written atomically, so the old ones are untouched. A stage that fails, or is stopped
-    by SIGINT or SIGTERM, marks the pipeline execution's MLflow run FAILED or KILLED."""
+    outputs are written atomically, so the old ones are untouched. Under DVC, a stage fails if
+    params.yaml changed while it ran (bayeskd.runs). A stage that fails, or is stopped by SIGINT or
+    SIGTERM, marks the pipeline execution's MLflow run FAILED or KILLED."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stopped)
+    started_with = runs.params_digest()
     try:
         try:
             main()
+            if runs.under_dvc() and (why := runs.changed_while_running(started_with)):
+                fail(why)
         except Failure as e:
             fail(str(e))
         except OSError as e:
@@ -64,7 +68,11 @@ def _stopped(signum: int, frame: object) -> None:
 
 
 def params() -> config.Params:
-    return config.load_or_exit()
+    """params.yaml, validated; under DVC, the one check_params validated for this run (bayeskd.runs)."""
+    p, digest = config.load_digest_or_exit()
+    if runs.under_dvc() and (why := runs.problem(digest)):
+        fail(why)
+    return p
 
 
 def build(role: str, net: str, ds: Dataset) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Stage evaluate: test-split metrics of teacher and student, reliability and confusion plot data."""
+"""Stage evaluate: test-split metrics of teacher and student, reliability and confusion plot data.
+The models predict on compute.device, in float32."""
 
 import numpy as np
 
@@ -20,7 +21,7 @@ def main() -> None:
     out, probs = {}, {}
     for role, net, weights in (("teacher", p.teacher.net, TEACHER), ("student", p.student.net, STUDENT)):
         model = nets.load_weights(build(role, net, ds), weights)
-        probs[role] = metrics.softmax(predict(model, x).numpy())
+        probs[role] = metrics.softmax(predict(model, x, device=p.compute.device).numpy())
         out[role] = metrics.summary(probs[role], test.y, bins, test.p)
     out["agreement"] = float((probs["teacher"].argmax(1) == probs["student"].argmax(1)).mean())
     if "bayes_accuracy" in ds.info:

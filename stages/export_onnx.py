@@ -23,7 +23,8 @@ def main() -> None:
     for role, net, weights in (("teacher", p.teacher.net, TEACHER), ("student", p.student.net, STUDENT)):
         model = nets.load_weights(build(role, net, ds), weights)
         exported[role] = export.to_onnx(model, x[:2], e.opset)
-        report[role] = r = export.check(exported[role], model, x, e.batch_size, e.latency_runs)
+        report[role] = r = export.check(exported[role], model, x, e.batch_size, e.latency_runs,
+                                        device=p.compute.device)
         print(f"{role}: max |onnxruntime - torch| {r['max_abs_diff']:.2e}, "
               f"{r['latency_ms']:.3f} ms per batch of {r['batch_size']}")
     worst = max(r["max_abs_diff"] for r in report.values())

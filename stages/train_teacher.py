@@ -34,7 +34,7 @@ def main() -> None:
     with epoch_logging("teacher") as on_epoch:
         history = fit(model, loss_fn, TrainSet(*tensors(ds, "train"), augmentation(p)), t.optim, seed=p.seed,
                       checkpoint=Checkpoint(CHECKPOINT, run), val=tensors(ds, "val"), on_epoch=on_epoch,
-                      compiled=p.compute.compile, name=f"teacher[{t.loss}]")
+                      compiled=p.compute.compile, device=p.compute.device, name=f"teacher[{t.loss}]")
     finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
@@ -76,6 +77,24 @@ def test_failing_stage_fails_the_run_with_its_own_error(project, harness, tmp_pa
     assert "teacher.net = 'cnn_teacher' does not fit dataset 'gaussian'" in str(e.value)
     kept = [p for p in (project / flows.WORKSPACES).iterdir() if p.is_dir()]
     assert len(kept) == 1 and (kept[0] / "data/prepared/train.npz").exists()  # kept to resume
+
+
+def test_a_damaged_copy_in_the_dvc_cache_fails_the_run_before_any_stage(project, harness):
+    """DVC restores a cached copy as it is; the flow checks the copies of the outputs dvc.lock names
+    before the first stage, and names the damaged one."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    md5 = next(o["md5"] for o in lock["train_teacher"]["outs"] if o["path"] == "models/teacher.safetensors")
+    obj = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(b"not the teacher")
+    state = flows.pipeline(repo=str(project), push=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(flows.DamagedFiles, match="models/teacher.safetensors: the DVC cache's copy .* is "
+                       "damaged .* `rm -f .* && dvc repro`"):
+        state.result()
+    kept = [p for p in (project / flows.WORKSPACES).iterdir() if p.is_dir()]
+    assert len(kept) == 1 and not (kept[0] / "data/prepared").exists()  # no stage ran
+    assert set(run(["git", "status", "--porcelain"], kept[0]).stdout.splitlines()) <= {" M params.yaml"}
 
 
 def test_one_workspace_per_flow_run(tmp_path):

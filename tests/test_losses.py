@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd.data import gaussian_bcpd
+from bayeskd.datasets.gaussian import gaussian_bcpd
 from bayeskd.losses import TEACHER_LOSSES, ce, ls, mse
 
 

@@ -1,5 +1,7 @@
-"""The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits) and
-`diff` (the Markdown that the pull-request workflow posts)."""
+"""The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits), `diff` (the
+Markdown that the pull-request workflow posts), `preset` (a preset as `dvc exp run` overrides),
+`params` (the methods' sections of params.yaml from their declarations) and `verify` (every output
+against dvc.lock, its own digest and the DVC cache)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bayeskd import config, report
+from bayeskd import config, defaults, integrity, report
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
 
@@ -37,11 +39,41 @@ def preset(args: argparse.Namespace) -> str:
     if not path.is_file():
         raise config.ParamsError(f"{path} not found: run in the project, or pass --repo")
     if args.list:
-        return "".join(f"{name}: {p['data.name']}, {p['teacher.net']} -> {p['student.net']}\n"
+        return "".join(f"{name}: {p.get('data.name')}, {p.get('teacher.net')} -> {p.get('student.net')}\n"
                        for name, p in config.presets_in(path).items())
     if not args.name:
         raise config.ParamsError("name a preset, or list them with `bayeskd preset --list`")
     return " ".join(config.preset_args(args.name, path)) + "\n"
+
+
+def params(args: argparse.Namespace) -> str:
+    path = Path(args.repo) / config.PARAMS_FILE
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise config.ParamsError(f"cannot read {path}: {e.strerror or e}") from None
+    synced = defaults.sync(text)
+    if not args.sync:
+        return synced
+    if synced == text:
+        return f"{path}: every section holds what the declarations give\n"
+    from bayeskd.io import write_text
+
+    write_text(path, synced)
+    return f"{path}: the methods' and datasets' sections now hold what the declarations give\n"
+
+
+def verify(args: argparse.Namespace) -> str:
+    """One line per bad output file (what is wrong, the command that restores it), then one error."""
+    try:
+        problems, checked = integrity.verify(args.repo)
+    except ValueError as e:  # no or a damaged dvc.lock, no DVC project
+        raise RuntimeError(str(e)) from None
+    if problems:
+        print("\n".join(problems))
+        raise RuntimeError(f"{len(problems)} of the {checked} output files or their copies in the DVC cache "
+                           "are bad (listed above)")
+    return f"{checked} output files match dvc.lock and their own digests; the DVC cache's copies are intact\n"
 
 
 def diff(args: argparse.Namespace) -> str:
@@ -84,6 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("--list", action="store_true", help="list the presets")
     p.set_defaults(run=preset)
+
+    s = sub.add_parser("params", help="params.yaml with each student.<method> section set to the method's "
+                       "declared defaults and missing dataset sections added (the rest unchanged)")
+    s.add_argument("--sync", action="store_true", help="write it to params.yaml instead of printing it")
+    s.set_defaults(run=params)
+
+    v = sub.add_parser("verify", help="check every output in the workspace against dvc.lock and its own "
+                       "digest, and the DVC cache's copies; name each bad file and the command that "
+                       "restores it (exit code 1)")
+    v.set_defaults(run=verify)
 
     d = sub.add_parser("diff", help="Markdown: params and metrics diff plus the comparison table, "
                        "as posted on pull requests")

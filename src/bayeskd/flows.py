@@ -6,9 +6,11 @@ parameter overrides), held with an exclusive lock, so two flow runs on one machi
 workspace. It sets the overrides in the workspace's params.yaml (validated before any stage runs),
 runs each stage with `dvc repro --single-item`, saves the result with `dvc exp save` and pushes the
 experiment to the project's git remote (`dvc exp push`, which also sends the outputs to the DVC
-remote, where the project has one). The workspace shares the project's DVC cache and is deleted
-after success; a failed or killed run leaves it, with its per-epoch checkpoints, and the next run of
-the same variant resumes.
+remote, where the project has one). Before the first stage it checks the workspace's files and the
+DVC cache's copies of the outputs dvc.lock names (`bayeskd.integrity.verify`), as DVC would restore
+a damaged copy unseen. The workspace shares the project's DVC cache and is deleted after success; a
+failed or killed run leaves it, with its per-epoch checkpoints, and the next run of the same variant
+resumes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-from bayeskd import config, report, tracking
+from bayeskd import config, integrity, report, tracking
 from bayeskd.io import run as _sh
 from bayeskd.io import write_text
 
@@ -113,6 +115,21 @@ def prepare_workspace(ws: Path, repo: Path, commit: str, params: dict, dvc_remot
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+class DamagedFiles(RuntimeError):
+    """The workspace or the DVC cache holds damaged files; the message names each and its remedy."""
+
+
+@task
+def verify_workspace(ws: Path) -> None:
+    """Before any stage runs: no damaged file among the workspace's outputs (left by a failed run) or
+    the DVC cache's copies of the outputs dvc.lock names (DVC restores a cached copy as it is). Files
+    that merely differ from dvc.lock are the stages' business (they rerun)."""
+    problems, checked = integrity.verify(ws, against_lock=False)
+    if problems:
+        raise DamagedFiles("damaged files; nothing was run:\n" + "\n".join(problems))
+    get_run_logger().info(f"{checked} output files in the workspace and the DVC cache's copies are intact")
+
+
 @task
 def save_experiment(ws: Path, name: str, git_remote: str, push: bool) -> None:
     """`dvc exp save`, then `dvc exp push`: the experiment to the git remote and its outputs to the
@@ -167,6 +184,7 @@ def pipeline(
     }
     with locked_workspace(root, key) as ws:
         prepare_workspace(ws, root, commit, params, dvc_remote)
+        verify_workspace(ws)
         for stage in stage_names(ws):
             run_stage(stage, ws, env)
         save_experiment(ws, name, git_remote or git_origin(root) or str(root), push)
@@ -254,7 +272,7 @@ def compare(
 
 def checked_params(root: Path, rev: str, overrides: dict[str, Any]) -> dict:
     """params.yaml at `rev` with the overrides, validated (ParamsError names each bad key)."""
-    base = yaml.safe_load(_sh(["git", "show", f"{rev}:params.yaml"], root))
+    base = config.parse_yaml(_sh(["git", "show", f"{rev}:params.yaml"], root), f"params.yaml at {rev}")
     return config.with_overrides(base, overrides)
 
 
@@ -263,10 +281,13 @@ def cli_overrides(argv: list[str]) -> dict[str, Any]:
     out = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep:
-            print(f"error: expected key=value, got {arg!r}", file=sys.stderr)
-            raise SystemExit(2)
-        out[key] = yaml.safe_load(value)
+        try:
+            if not sep:
+                raise config.ParamsError(f"expected key=value, got {arg!r}")
+            out[key] = config.parse_yaml(value, arg)
+        except config.ParamsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     return out
 
 

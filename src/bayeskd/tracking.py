@@ -345,6 +345,11 @@ class Run:
         import onnxruntime as ort
         from mlflow.models import infer_signature
 
+        from bayeskd import integrity
+
+        damage = integrity.onnx_problem(Path(path).read_bytes())
+        if damage:
+            raise ValueError(f"{path} is damaged ({damage})")
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         inputs = {session.get_inputs()[0].name: example}
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))
