@@ -70,7 +70,10 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
     params = tiny_params(**{"data.name": "digits", "data.augment.padding": 1, "cache.views": 2,
                             "teacher.net": "cnn_teacher", "student.net": "cnn_student",
                             "teacher.optim.epochs": 2, "student.optim.epochs": 2,
-                            "teacher.optim.milestones": [1], "student.optim.milestones": [1]})
+                            "teacher.optim.milestones": [1], "student.optim.milestones": [1],
+                            # softmax-MSE learns slowly: after 2 epochs its teacher is barely above
+                            # chance (0.13 on its views on one CPU, above 0.2 on another)
+                            "cache.min_accuracy": 0.05})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "digits"], project)
     for loss in ("ce", "mse"):
