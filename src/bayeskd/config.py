@@ -28,7 +28,9 @@ from pydantic import (
 PARAMS_FILE = "params.yaml"
 
 DATASETS = ("gaussian", "gaussian_images", "digits", "cifar10", "cifar100", "imagefolder")
-TEACHER_LOSSES = ("ce", "mse", "ls")
+TEACHER_LOSSES = ("ce", "mse", "ls", "ce_ts")
+# trained with CE, then temperature-scaled on the validation split (bayeskd.calibration)
+TEMPERATURE_SCALED = ("ce_ts",)
 EMBEDDED_NETS = ("mlp_teacher", "mlp_student", "cnn_teacher", "cnn_student")
 ZOO_NETS = (  # the standard CIFAR knowledge-distillation zoo (bayeskd.zoo)
     *(f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)), "resnet8x4", "resnet32x4", "ResNet18", "ResNet50",
@@ -140,6 +142,14 @@ class Data(Section):
     digits: Digits
     images: Images
     augment: Augment
+
+    def no_validation_split(self) -> str | None:
+        """The key and value that leave this dataset without a validation split; None if it has one."""
+        if self.name == "gaussian_images" and self.gaussian_images.n_val == 0:
+            return "data.gaussian_images.n_val = 0"
+        if self.name in ("cifar10", "cifar100", "imagefolder") and self.images.val_fraction == 0:
+            return "data.images.val_fraction = 0.0"
+        return None  # gaussian and digits always hold one out
 
     @model_validator(mode="after")
     def _views_need_images(self) -> Data:
@@ -299,6 +309,11 @@ _MethodSections = create_model("MethodSections", __base__=Section,
                                **{name: (hp, hp()) for name, hp in METHODS.items() if hp.model_fields})
 
 
+# The methods whose target is the teacher's softened output softmax(z / T) on its raw logits, and
+# the name of their T: the temperature at which `evaluate` measures the teacher on the transfer set.
+SOFTENED = {"kd": "temperature", "dkd": "temperature", "dist": "tau"}
+
+
 class Student(_MethodSections):
     """The student's net, its distillation method, and each method's hyperparameters under
     `student.<method>` (only the chosen method's are used)."""
@@ -311,6 +326,12 @@ class Student(_MethodSections):
         """The chosen method's hyperparameters."""
         section = getattr(self, self.method, None)
         return section.model_dump() if section is not None else {}
+
+    def temperature(self) -> float | None:
+        """The temperature T at which the method softens the teacher's logits, softmax(z / T); None
+        for a method that does not (labels only, feature methods, standardised logits)."""
+        key = SOFTENED.get(self.method)
+        return None if key is None else float(self.hparams()[key])
 
 
 class Cache(Section):
@@ -355,6 +376,15 @@ class Params(Section):
         if k and known is not None and k >= known:
             raise ValueError(f"cache.topk = {k}: must be below the {known} classes of data.name = "
                              f"{self.data.name!r} (0 stores all logits)")
+        return self
+
+    @model_validator(mode="after")
+    def _temperature_scaling_needs_validation(self) -> Params:
+        missing = self.data.no_validation_split()
+        if self.teacher.loss in TEMPERATURE_SCALED and missing:
+            raise ValueError(f"teacher.loss = {self.teacher.loss!r} fits its temperature on the validation "
+                             f"split, and {missing} leaves data.name = {self.data.name!r} without one; "
+                             "hold one out, or use teacher.loss ce, mse or ls")
         return self
 
 

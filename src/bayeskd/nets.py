@@ -97,13 +97,26 @@ class WeightsError(Failure):
     """A weights file is missing, damaged, or holds another net's weights."""
 
 
-def save_weights(model: nn.Module, path: str | Path) -> None:
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """The model's tensors as safetensors, with `metadata` (strings) in the file's header."""
     from safetensors.torch import save
 
     from bayeskd.io import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_bytes(save(model.state_dict()))
+        tmp.write_bytes(save(model.state_dict(), metadata=metadata))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata that save_weights wrote into a weights file's header ({} if none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # as in read_weights: safetensors raises several kinds
+        raise WeightsError(f"cannot read {path}: {str(e).splitlines()[0][:200] or type(e).__name__}; "
+                           "restore it with `dvc checkout` or rebuild it with `dvc repro`") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
