@@ -430,8 +430,8 @@ def legend(rows: list[Row], wide: bool) -> str:
     """What the marks and intervals mean, and the size of Holm's family."""
     interval = "[95% t-interval]" if wide else "±half-width of the 95% t-interval"
     return (f"Paired differences to the CE teacher's runs of the same seeds: mean {interval}. "
-            f"{comparisons(rows)} paired comparisons with an interval; * marks those that survive "
-            "Holm's correction at family-wise 0.05.\n")
+            f"{comparisons(rows)} paired comparison{'' if comparisons(rows) == 1 else 's'} with an interval; "
+            "* marks those that survive Holm's correction at family-wise 0.05.\n")
 
 
 def to_markdown(rows: list[Row], wide: bool = False) -> str:
