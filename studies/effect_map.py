@@ -178,13 +178,23 @@ def plan(phase: str, studies: dict) -> list[tuple[Cell, str, float, int]]:
     return [w for w in wanted if not done(runs, *w, studies)]
 
 
-def queue(phase: str, studies: dict) -> int:
+def start_workers() -> None:
+    """Start the missing ones of queue workers 1..WORKERS (DVC names them by number). Their output
+    goes to DVC's worker logs; they stop when the queue is empty."""
+    subprocess.run(["dvc", "queue", "start", "-j", str(WORKERS)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def queue(phase: str, studies: dict, start: bool = False) -> int:
+    """Queue the phase's runs that are not done; with `start`, the workers start on the first."""
     todo = plan(phase, studies)
-    for cell, loss, lr, seed in todo:
+    for i, (cell, loss, lr, seed) in enumerate(todo):
         overrides = cell.overrides(studies) | {"teacher.loss": loss, "teacher.optim.lr": lr, "seed": seed}
         command = ["dvc", "exp", "run", "--queue", "evaluate", *config.override_args(overrides)]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True, capture_output=True)
+        if start and i == 0:
+            start_workers()
     print(f"{phase}: queued {len(todo)} runs", flush=True)
     return len(todo)
 
@@ -201,8 +211,8 @@ def wait(poll: float = 60) -> None:
             return
         active = re.search(r"Worker status: (\d+) active", status)
         workers = int(active.group(1)) if active else 0
-        if queued and workers < WORKERS:  # starts the missing ones of workers 1..WORKERS
-            subprocess.run(["dvc", "queue", "start", "-j", str(WORKERS)], check=True, capture_output=True)
+        if queued and workers < WORKERS:
+            start_workers()
         print(time.strftime("%H:%M:%S"), f"{running} running, {queued} queued", flush=True)
         time.sleep(poll)
 
@@ -213,7 +223,7 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["run"]:
         for phase in ("select", "main", "more"):
             start = time.time()
-            if queue(phase, studies):
+            if queue(phase, studies, start=True):
                 wait()
             print(f"{phase}: {time.time() - start:.0f} s", flush=True)
     elif argv[:1] == ["queue"] and argv[1:] and argv[1] in ("select", "main", "more"):

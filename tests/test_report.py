@@ -1,6 +1,8 @@
 import csv
 import io
 import math
+import re
+import shlex
 from dataclasses import replace
 
 import pytest
@@ -8,6 +10,7 @@ import yaml
 from scipy.stats import t
 
 from bayeskd import report
+from conftest import ROOT
 
 
 def run(rev, loss, seed, student, teacher_ece=0.1, bcpd=0.05, method="kd"):
@@ -247,3 +250,18 @@ def test_a_damaged_archive_is_one_error_line(tmp_path, capsys, text):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--runs", str(tmp_path / "missing.csv")])
     assert "error: cannot read or write" in capsys.readouterr().err
+
+
+def test_the_effect_map_in_the_docs_is_recomputed_from_the_archived_runs(monkeypatch, capsys):
+    """Every table of docs/effect-map.md is the output of the `bayeskd compare --runs ...` command
+    written above it, run on the CSV archive in reports/: each of its numbers recomputed."""
+    from bayeskd import cli
+
+    doc = (ROOT / "docs/effect-map.md").read_text()
+    tables = re.findall(r"<!-- recomputed by tests/test_report.py: (bayeskd compare --runs [^>]*) -->\n"
+                        r"(.*?)<!-- end of table -->", doc, re.S)
+    assert tables
+    monkeypatch.chdir(ROOT)
+    for command, table in tables:
+        cli.main(shlex.split(command)[1:])
+        assert capsys.readouterr().out.strip() == table.strip()
