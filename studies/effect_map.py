@@ -51,9 +51,11 @@ Reported (docs/effect-map.md): the table `bayeskd compare --runs reports/effect_
 --select teacher.optim.lr:teacher.val_nll --wide --format md` recomputes from the archived runs,
 paired 95% t-intervals, and Holm's correction over all its paired comparisons.
 
-    python studies/effect_map.py run [--gpu]      # every phase, waiting for the queue between them
-    python studies/effect_map.py queue PHASE [--gpu]   # one phase: select, main or more
+    python studies/effect_map.py run [gaussian] [images] [--gpu]   # every phase, waiting for the queue
+    python studies/effect_map.py queue PHASE [gaussian] [images]   # one phase: select, main or more
     python studies/effect_map.py archive          # reports/effect_map/runs.csv from the experiments
+
+A phase queues only the runs that are neither done nor queued, so `run` resumes where it stopped.
 
 Run it in a clone of its own with OMP_NUM_THREADS=1: two queue workers share two cores.
 """
@@ -127,6 +129,15 @@ def experiments() -> list[report.Run]:
     return [r for r in report.collect() if r.origin.startswith("experiments of ")]
 
 
+def pending() -> list[report.Run]:
+    """The queued and running experiments (their parameters; no metrics yet)."""
+    shown = json.loads(report.dvc("exp", "show", "--json"))
+    return [report.Run(node.get("name", ""), node["data"]["params"]["params.yaml"]["data"], {})
+            for top in shown for exp in top.get("experiments") or []
+            if (exp.get("executor") or {}).get("state") in ("queued", "running")
+            for node in exp.get("revs") or []]
+
+
 def done(runs: list[report.Run], cell: Cell, loss: str, lr: float, seed: int, studies: dict) -> bool:
     return any(cell.holds(r, studies) and r.params["teacher"]["loss"] == loss and r.params["seed"] == seed
                and r.params["teacher"]["optim"]["lr"] == lr for r in runs)
@@ -175,7 +186,8 @@ def plan(phase: str, studies: dict) -> list[tuple[Cell, str, float, int]]:
             more = phase == "more" and needs_more_seeds(runs, cell, rates, studies)
             seeds = SEEDS if phase == "main" else MORE_SEEDS if more else ()
             wanted += [(cell, loss, rates[cell.study, loss], seed) for seed in seeds for loss in LOSSES]
-    return [w for w in wanted if not done(runs, *w, studies)]
+    queued = pending()
+    return [w for w in wanted if not done(runs, *w, studies) and not done(queued, *w, studies)]
 
 
 def start_workers() -> None:
@@ -220,11 +232,14 @@ def wait(poll: float = 60) -> None:
 def main(argv: list[str]) -> None:
     studies = GPU_STUDIES if "--gpu" in argv else STUDIES
     argv = [a for a in argv if a != "--gpu"]
+    if chosen := [a for a in argv if a in studies]:  # some of the studies only
+        studies = {k: v for k, v in studies.items() if k in chosen}
+        argv = [a for a in argv if a not in chosen]
     if argv[:1] == ["run"]:
         for phase in ("select", "main", "more"):
             start = time.time()
-            if queue(phase, studies, start=True):
-                wait()
+            queue(phase, studies, start=True)
+            wait()  # also for runs an earlier invocation queued
             print(f"{phase}: {time.time() - start:.0f} s", flush=True)
     elif argv[:1] == ["queue"] and argv[1:] and argv[1] in ("select", "main", "more"):
         queue(argv[1], studies)

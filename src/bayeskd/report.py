@@ -427,7 +427,9 @@ def _columns(rows: list[Row], wide: bool) -> list[str]:
 
 
 def legend(rows: list[Row], wide: bool) -> str:
-    """What the marks and intervals mean, and the size of Holm's family."""
+    """What the marks and intervals mean, and the size of Holm's family ('' without differences)."""
+    if not any(row.diffs for row in rows):
+        return ""
     interval = "[95% t-interval]" if wide else "±half-width of the 95% t-interval"
     return (f"Paired differences to the CE teacher's runs of the same seeds: mean {interval}. "
             f"{comparisons(rows)} paired comparison{'' if comparisons(rows) == 1 else 's'} with an interval; "
@@ -440,7 +442,8 @@ def to_markdown(rows: list[Row], wide: bool = False) -> str:
     header = [COLUMNS[c][0] if wide else c for c in names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(COLUMNS[c][1](r, wide) for c in names) + " |" for r in rows]
-    return "\n".join(lines) + "\n\n" + legend(rows, wide)
+    note = legend(rows, wide)
+    return "\n".join(lines) + "\n" + (f"\n{note}" if note else "")
 
 
 def to_table(rows: list[Row], wide: bool = False) -> str:
@@ -458,7 +461,8 @@ def to_table(rows: list[Row], wide: bool = False) -> str:
         if not wide and (i == 0 or rows[i - 1].config != row.config):
             out += textwrap.wrap(row.config, 120, subsequent_indent="    ")
         out.append(fmt(line))
-    return "\n".join(out) + "\n" + textwrap.fill(legend(rows, wide), 120) + "\n"
+    note = legend(rows, wide)
+    return "\n".join(out) + "\n" + (textwrap.fill(note, 120) + "\n" if note else "")
 
 
 CSV_MEANS = ("teacher.accuracy", "teacher.ece", "teacher.bcpd_mse", "teacher.val_nll",
