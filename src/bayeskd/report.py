@@ -1,9 +1,12 @@
 """Comparisons across DVC experiments and commits: CE- vs MSE-trained teachers, over seeds.
 
-Runs are read from `dvc exp show --json` (params and metrics per revision). Runs are grouped into
-configurations: all parameters except `teacher.loss`, `seed` and `export.*`. Within a configuration
-the student accuracy of each teacher loss is summarised over seeds, and MSE is compared with CE by
-the paired difference over the seeds both have, with a 95% Student-t interval.
+Runs are read from `dvc exp show --json` (params and metrics per revision), or from a CSV archive
+of runs (`runs_csv`, `read_runs`). Runs are grouped into configurations: all parameters except
+`teacher.loss`, `seed` and `export.*` (and a `Selection`'s parameter, chosen per configuration and
+loss). Within a configuration each teacher loss's metrics are summarised over seeds, and every
+other loss is compared with CE by the paired differences over the seeds both have (student
+accuracy, bcpd_mse and ECE; the teacher's distance to p* on the transfer set), each with a 95%
+Student-t interval; Holm's correction runs over all of a table's paired comparisons.
 
 Runs with the same parameters but different metrics come from other code or another machine (CPU
 training repeats bit for bit only on the same machine). They are not pooled, nor dropped: their
@@ -29,11 +32,11 @@ from bayeskd.io import run
 from bayeskd.tracking import flatten
 
 METRICS_FILE = "reports/metrics.json"
+VARIED = ("teacher.loss", "seed")
 
 
 class ReportError(ValueError):
     """An archive or an option that cannot be read; the message names it and what is expected."""
-VARIED = ("teacher.loss", "seed")
 
 
 @dataclass
@@ -341,10 +344,9 @@ def summarise(runs: list[Run], select: Selection | None = None) -> list[Row]:
                       selected=flatten(chosen[loss][seeds[0]].params).get(select.param) if select else None)
             if loss != "ce" and "ce" in chosen:
                 ce = {s: flatten(r.metrics) for s, r in chosen["ce"].items()}
-                paired = [s for s in seeds if s in ce]
                 for k in PAIRED:
                     d = [f[k] - ce[s][k] for s, f in zip(seeds, flat, strict=True)
-                         if s in paired and k in f and k in ce[s]]
+                         if s in ce and k in f and k in ce[s]]
                     if d:
                         row.diffs[k] = d
             rows.append(row)
