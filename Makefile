@@ -1,8 +1,9 @@
 # Two commands on a fresh clone:  `make run` (the pipeline)  and  `make test` (the test suite).
 VENV ?= .venv
 BIN := $(VENV)/bin
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-fast docs lint postgresql
 
 setup: $(VENV)/.installed
 
@@ -15,9 +16,22 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	. $(BIN)/activate && dvc repro
 
-test: setup
+test: setup postgresql
 	$(BIN)/ruff check .
 	. $(BIN)/activate && pytest
 
+test-fast: setup
+	. $(BIN)/activate && pytest -m "not slow"
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: setup
 	$(BIN)/ruff check .
+
+# The team-stack test (tests/test_team.py) runs a PostgreSQL server of its own: Debian's, installed
+# here if it is missing.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql; }

@@ -1,10 +1,11 @@
 """Student training from the teacher-logit cache against online KD, in one run.
 
 resnet32x4 -> resnet8x4 at batch 64 on 32x32 images with the standard crop-and-flip views (162 per
-image), both through `bayeskd.train.fit` with the KD loss: online, the teacher runs on every
-augmented batch; cached, the teacher's logits for the drawn views are read from the cache. Also
-measures building the cache (all 162 views per image) and says after how many student runs it has
-paid for itself on CIFAR-100 (50,000 images, 240 epochs).
+image), both through the steps of `bayeskd.train` (as `fit` runs them) with the KD loss: online, the
+teacher runs on every augmented batch; cached, the teacher's logits for the drawn views are read
+from the cache (held on the training device). Also measures building the cache (all 162 views per
+image) and says after how many student runs it has paid for itself on CIFAR-100 (50,000 images,
+240 epochs).
 
     python benchmarks/cache_speedup.py [--steps 12]
 
@@ -20,28 +21,24 @@ import time
 from pathlib import Path
 
 import torch
+from train_throughput import loop_steps  # this folder's benchmarks
 
 from bayeskd import cache, distill, nets
 from bayeskd.augment import CropFlip
-from bayeskd.config import Optim
-from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
+from bayeskd.train import TrainSet, seed_everything
 
 BATCH, AUG = 64, CropFlip(4)
 
 
-def student_run(label: str, x, y, teacher, logit_cache, steps: int, workdir: Path,
-                student: str = "resnet8x4") -> float:
-    """Seconds for `steps` KD steps of a fresh student (one epoch over steps * BATCH samples), its
-    teacher logits read from `logit_cache`, or, without one, from the teacher run online."""
+def student_run(x, y, teacher, logit_cache, steps: int,
+                student: str = "resnet8x4") -> tuple[float, float | None]:
+    """Seconds (and host syncs per step) for `steps` KD steps of a fresh student after one warm-up
+    step (x, y: steps + 1 batches), its teacher logits read from `logit_cache`, or, without one,
+    from the teacher run online."""
     seed_everything(0)
     student = nets.build(student, 100, (3, 32, 32))
     kd = distill.distiller("kd", student, cache=logit_cache, teacher=None if logit_cache else teacher)
-    cfg = Optim(epochs=1, batch_size=BATCH, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[],
-                gamma=0.1)
-    start = time.perf_counter()
-    fit(student, kd.loss_fn, TrainSet(x, y, AUG, kd.view_table), cfg, seed=0,
-        checkpoint=Checkpoint(workdir / f"{label}.pt", label), name=f"student ({label})")
-    return time.perf_counter() - start
+    return loop_steps(student, kd.loss_fn, TrainSet(x, y, AUG, kd.view_table), BATCH, steps)
 
 
 def main() -> None:
@@ -52,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = nets.build("resnet32x4", 100, (3, 32, 32)).eval()
-    n = args.steps * BATCH
+    n = (args.steps + 1) * BATCH
     x, y = torch.rand(n, 3, 32, 32), torch.randint(0, 100, (n,))
     common = dict(num_classes=100, augment=AUG, seed=0, dtype="float16", shard_size=4096, topk=0,
                   teacher_sha256="benchmark", batch_size=BATCH, log=lambda _: None)
@@ -71,9 +68,8 @@ def main() -> None:
         # the student's reads cost the same however many views are stored: two per image suffice here
         cache.build(teacher, x, y, tmp / "two", views=2, **common)
         cached = cache.LogitCache(tmp / "two", num_samples=n, num_classes=100)
-        student_run("warm-up", x[:BATCH], y[:BATCH], teacher, None, 1, tmp)
-        online_s = student_run("online", x, y, teacher, None, args.steps, tmp)
-        cached_s = student_run("cached", x, y, teacher, cached, args.steps, tmp)
+        online_s, _ = student_run(x, y, teacher, None, args.steps)
+        cached_s, _ = student_run(x, y, teacher, cached, args.steps)
 
     print(f"online KD: {online_s:.2f} s for {args.steps} steps ({online_s / args.steps:.3f} s/step)")
     print(f"cached KD: {cached_s:.2f} s for {args.steps} steps ({cached_s / args.steps:.3f} s/step)")

@@ -1,25 +1,29 @@
-"""The GPU check: every CUDA path of the training loop run once, then paper-scale speed, in one command.
+"""The GPU check: every CUDA path of the pipeline run once, then paper-scale speed, in one command.
 
     PYTHONPATH=src python benchmarks/gpu_check.py OUT             # on a GPU host, from the repository root
     PYTHONPATH=src python benchmarks/gpu_check.py OUT --cpu-smoke  # tiny sizes on the CPU (a test)
 
-It needs torch, torchvision, numpy, pillow, onnx, onnxscript, onnxruntime, safetensors and pyyaml
-(a stock PyTorch environment) plus pydantic and tqdm; with PYTHONPATH=src it needs no install of
-this project. On a host without a package index, bring pydantic and tqdm as wheels (the README,
-"Devices and several GPUs", has the exact `pip download` line).
+With PYTHONPATH=src it needs no install of this project. What it imports beyond a stock PyTorch GPU
+image is listed, with versions, in benchmarks/gpu_wheels.txt (tests/test_gpu_check.py derives the
+list from this script's imports and the image's package list, benchmarks/gpu_host_packages.txt);
+on a host without a package index, bring those as wheels (the README, "Devices and several GPUs").
 
 Parts, in this order, so that a timeout still leaves the first results; each writes its figures to
 OUT/gpu_check.json as it ends (and everything printed goes to OUT/gpu_check.log):
   a. correctness: a zoo teacher and student trained with bf16 autocast and channels_last on
      GPU-resident data; the logit cache built on the GPU and read by a cached KD student; a feature
-     method (reviewkd); torch.compile; ONNX export of the GPU-trained student with onnxruntime
-     parity; the same seed twice, with the largest weight difference;
-  b. throughput of `bayeskd.train.fit` against the common loop (PIL transforms, a DataLoader with 8
+     method (reviewkd); torch.compile against eager, with the graphs compiled (1: a smaller last
+     batch runs eagerly); ONNX export of the GPU-trained student with onnxruntime parity; the same
+     seed twice, with the largest weight difference, for plain training and for every feature method;
+  b. throughput of this loop's steps against the common loop (PIL transforms, a DataLoader with 8
      workers, fp32) and the common loop with bf16 autocast and channels_last, for resnet32x4 and
-     resnet8x4 at batch 64 and 512;
+     resnet8x4 at batch 64 and 512: the reference loops run as common code runs them (no
+     deterministic algorithms, cuDNN's autotuner on), both sides timed over the same steps, and the
+     host syncs per timed step counted with torch.cuda.set_sync_debug_mode (target 0 for this loop);
   c. one full epoch of resnet32x4 at batch 64 on 50,000 synthetic 32x32 images, eager and compiled,
      and the projected wall time of the paper's 240-epoch teacher;
-  d. cached against online KD student steps (resnet32x4 -> resnet8x4).
+  d. cached against online KD student steps (resnet32x4 -> resnet8x4), with their host syncs;
+  e. the cache build of 50,000 images x all 162 views of resnet32x4 (target: under 2 minutes).
 A part that fails records its error and the check goes on. The last line is this loop's throughput
 over the common fp32 loop's, over all of part b.
 """
@@ -39,26 +43,32 @@ import numpy as np
 import torch
 import train_throughput  # this folder's benchmarks
 from cache_speedup import student_run
+from torch._dynamo.utils import counters
 
-from bayeskd import cache, distill, export, nets
+from bayeskd import cache, distill, export, methods, nets, placement
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
 from bayeskd.io import write_json
 from bayeskd.losses import ce
-from bayeskd.train import Checkpoint, TrainSet, default_device, fit, seed_everything
+from bayeskd.placement import Teacher
+from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
 
 SIZES = {
     # images, steps and nets of each part: the GPU run, and the CPU smoke test
-    "gpu": {"a_images": 4096, "a_teacher": "resnet8x4", "a_student": "resnet8", "b_steps": (200, 50),
-            "b_workers": 8, "b_nets": ("resnet32x4", "resnet8x4"), "b_batches": (64, 512),
+    "gpu": {"a_images": 4096, "a_teacher": "resnet8x4", "a_student": "resnet8", "a_method_images": 512,
+            "b_steps": (200, 50), "b_workers": 8, "b_nets": ("resnet32x4", "resnet8x4"),
+            "b_batches": (64, 512),
             "c_images": 50_000, "c_net": "resnet32x4", "d_steps": 100, "d_pair": ("resnet32x4", "resnet8x4"),
-            "compile": True},
-    "smoke": {"a_images": 96, "a_teacher": "resnet8", "a_student": "cnn_student", "b_steps": (2, 1),
-              "b_workers": 2, "b_nets": ("resnet8",), "b_batches": (16, 32),
+            "e_images": 50_000, "e_net": "resnet32x4", "compile": True},
+    "smoke": {"a_images": 96, "a_teacher": "resnet8", "a_student": "cnn_student", "a_method_images": 16,
+              "b_steps": (2, 1), "b_workers": 2, "b_nets": ("resnet8",), "b_batches": (16, 32),
               "c_images": 64, "c_net": "cnn_student", "d_steps": 2, "d_pair": ("resnet8", "cnn_student"),
+              "e_images": 4, "e_net": "cnn_student",
               "compile": False},  # compiling takes minutes on a CPU; tests/test_train.py covers it
 }
 CLASSES = 100
+BUILD_BATCH = 1024  # params.yaml's cache.batch_size
+DEVICE = placement.choose("auto")
 
 
 class Check:
@@ -66,7 +76,7 @@ class Check:
 
     def __init__(self, out: Path):
         self.out = out
-        self.results: dict = {"device": str(default_device()), "torch": torch.__version__,
+        self.results: dict = {"device": str(DEVICE), "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                               "parts": {}}
         self.log = open(out / "gpu_check.log", "a")  # noqa: SIM115 (open for the whole run)
@@ -138,6 +148,11 @@ def finite(history: list[dict]) -> float:
     return loss
 
 
+def compiled_graphs() -> int:
+    """The graphs torch.compile has compiled in this process so far."""
+    return counters["stats"]["unique_graphs"]
+
+
 def correctness(check: Check, s: dict, work: Path) -> None:
     x, y = images(s["a_images"])
     aug = CropFlip(4)
@@ -148,17 +163,16 @@ def correctness(check: Check, s: dict, work: Path) -> None:
         _, hist = train(s["a_student"], None, TrainSet(x, y, aug), work, "student")
         f["student_loss"] = finite(hist)
     with check.part("a2 logit cache built on the device, read by a cached KD student") as f:
-        teacher.to(default_device())
         m = cache.build(teacher, x, y, work / "cache", num_classes=CLASSES, augment=aug, views=2, seed=0,
                         dtype="float16", shard_size=len(y), topk=0, teacher_sha256="gpu-check",
-                        batch_size=256, log=check.say)
-        cached = cache.LogitCache(work / "cache", num_samples=len(y), num_classes=CLASSES)
-        idx = torch.arange(min(256, len(y)))
-        views = cached.view_table[idx, 1]
-        with torch.no_grad():
-            online = teacher.eval()(aug.apply(x[idx].to(default_device()), views.to(default_device())))
+                        batch_size=BUILD_BATCH, device=DEVICE, log=check.say)
+        cached = cache.LogitCache(work / "cache", num_samples=len(y), num_classes=CLASSES, device=DEVICE)
+        f["cache_on"] = str(cached.arrays["logits"].device)
+        idx = torch.arange(min(256, len(y)), device=DEVICE)
+        views = cached.view_table.to(DEVICE)[idx, 1]
+        online = Teacher(teacher, DEVICE)(aug.apply(x.to(DEVICE)[idx], views))
         stored = cached.logits(idx, torch.ones_like(idx))
-        f["cache_vs_online_max_abs_diff"] = float((stored - online.float().cpu()).abs().max())
+        f["cache_vs_online_max_abs_diff"] = (stored - online).abs().max().item()
         f["cache_teacher_accuracy"] = m["shards"][0]["accuracy"]
         seed_everything(0)
         student = net(s["a_student"])
@@ -176,23 +190,38 @@ def correctness(check: Check, s: dict, work: Path) -> None:
                    mixed_precision=True, channels_last=True)
         f["reviewkd_loss"] = finite(hist)
         f["reviewkd_terms"] = {k: v for k, v in hist[-1].items() if k.startswith("train/")}
-    with check.part("a4 torch.compile against eager") as f:
-        eager, e_hist = train(s["a_student"], None, TrainSet(x, y, aug), work, "eager")
-        compiled, c_hist = train(s["a_student"], None, TrainSet(x, y, aug), work, "compiled",
-                                 compiled=s["compile"])
+    with check.part("a4 torch.compile against eager, a smaller last batch included") as f:
+        tail = TrainSet(x[:-16], y[:-16], aug)  # the last batch 16 samples short
+        eager, e_hist = train(s["a_student"], None, tail, work, "eager")
+        graphs = compiled_graphs()
+        compiled, c_hist = train(s["a_student"], None, tail, work, "compiled", compiled=s["compile"])
+        f["compiled_graphs"] = compiled_graphs() - graphs  # 1 when compiling: the last batch runs eagerly
         f["eager_loss"], f["compiled_loss"] = finite(e_hist), finite(c_hist)
         f["loss_relative_diff"] = abs(f["compiled_loss"] - f["eager_loss"]) / abs(f["eager_loss"])
         f["max_weight_diff"] = largest_difference(eager, compiled)
     with check.part("a5 ONNX export of the device-trained student, onnxruntime parity") as f:
         exported = export.to_onnx(eager, x[:2], opset=18)
-        report = export.check(exported, eager, x[:512], batch_size=256, runs=3)
+        report = export.check(exported, eager, x[:512], batch_size=256, runs=3, device=DEVICE)
         f.update(report)
         if report["max_abs_diff"] > 1e-3:
             raise AssertionError(f"onnxruntime differs from torch by {report['max_abs_diff']}")
     with check.part("a6 the same seed twice: largest weight difference") as f:
-        again, _ = train(s["a_student"], None, TrainSet(x, y, aug), work, "eager-again")
+        again, _ = train(s["a_student"], None, tail, work, "eager-again")
         f["max_weight_diff"] = largest_difference(eager, again)
         f["bit_identical"] = f["max_weight_diff"] == 0.0
+    with check.part("a7 every feature method, the same seed twice: largest weight difference") as f:
+        n = s["a_method_images"]
+        for method in sorted(methods.FEATURE):
+            runs = []
+            for label in ("first", "again"):
+                seed_everything(0)
+                student = net(s["a_student"])
+                d = distill.distiller(method, student, teacher=teacher, in_shape=(3, 32, 32), num_samples=n)
+                fit(student, d.loss_fn, TrainSet(x[:n], y[:n], aug), optim(), seed=0, extra=d.extra,
+                    checkpoint=Checkpoint(work / f"{method}-{label}.pt", method), name=method,
+                    mixed_precision=True, channels_last=True)
+                runs.append(student)
+            f[method] = largest_difference(*runs)
 
 
 def throughput(check: Check, s: dict, work: Path) -> float:
@@ -209,12 +238,13 @@ def throughput(check: Check, s: dict, work: Path) -> float:
                 t = {"fp32": train_throughput.reference(name, pixels, labels, batch, steps, s["b_workers"]),
                      "bf16": train_throughput.reference(name, pixels, labels, batch, steps, s["b_workers"],
                                                         mixed_precision=True),
-                     "ours": train_throughput.ours(name, pixels, labels, batch, steps, work, False)}
-                for k, v in t.items():
-                    total[k] += v
-                row = {f"{k}_images_per_s": round(done / v, 1) for k, v in t.items()}
-                row |= {"ours_over_fp32": round(t["fp32"] / t["ours"], 2),
-                        "ours_over_bf16": round(t["bf16"] / t["ours"], 2)}
+                     "ours": train_throughput.ours(name, pixels, labels, batch, steps)}
+                for k, (seconds, _) in t.items():
+                    total[k] += seconds
+                row = {f"{k}_images_per_s": round(done / v[0], 1) for k, v in t.items()}
+                row |= {f"{k}_host_syncs_per_step": v[1] for k, v in t.items()}
+                row |= {"ours_over_fp32": round(t["fp32"][0] / t["ours"][0], 2),
+                        "ours_over_bf16": round(t["bf16"][0] / t["ours"][0], 2)}
                 f[f"{name}_batch{batch}"] = row
                 check.say(f"{name} batch {batch}: {row}")
         f["ours_over_fp32"] = round(total["fp32"] / total["ours"], 2)
@@ -239,9 +269,11 @@ def paper_epoch(check: Check, s: dict, work: Path) -> None:
                 last[0] = now
 
             # two epochs: the first pays for compiling (and warm-up); the second is the one measured
+            graphs = compiled_graphs()
             fit(model, lambda z, b, e: {"ce": ce(z, b.y)}, TrainSet(x, y, CropFlip(4)), optim(epochs=2),
                 seed=0, checkpoint=Checkpoint(work / f"epoch-{label}.pt", label), on_epoch=timed,
                 compiled=compiled, name=f"{s['c_net']} {label}")
+            f[f"{label}_graphs_compiled"] = compiled_graphs() - graphs  # compiled: 1, the last batch eager
             f[f"{label}_first_epoch_s"] = round(times[0], 2)
             f[f"{label}_epoch_s"] = round(times[1], 2)
             f[f"{label}_240_epochs_min"] = round((times[0] + 239 * times[1]) / 60, 1)
@@ -251,19 +283,37 @@ def paper_epoch(check: Check, s: dict, work: Path) -> None:
 def cached_vs_online(check: Check, s: dict, work: Path) -> None:
     teacher_name, student_name = s["d_pair"]
     with check.part(f"d cached against online KD steps ({teacher_name} -> {student_name})") as f:
-        n = s["d_steps"] * 64
+        n = (s["d_steps"] + 1) * 64
         x, y = images(n, seed=2)
-        teacher = net(teacher_name).to(default_device()).eval()
-        common = dict(num_classes=CLASSES, augment=CropFlip(4), seed=0, dtype="float16", shard_size=n, topk=0,
-                      teacher_sha256="gpu-check", batch_size=512, log=lambda _: None)
-        cache.build(teacher, x, y, work / "d-cache", views=2, **common)
-        cached = cache.LogitCache(work / "d-cache", num_samples=n, num_classes=CLASSES)
-        student_run("warm-up", x[:64], y[:64], teacher, None, 1, work, student=student_name)
-        online = student_run("online", x, y, teacher, None, s["d_steps"], work, student=student_name)
-        offline = student_run("cached", x, y, teacher, cached, s["d_steps"], work, student=student_name)
+        teacher = net(teacher_name).eval()
+        cache.build(teacher, x, y, work / "d-cache", num_classes=CLASSES, augment=CropFlip(4), views=2,
+                    seed=0, dtype="float16", shard_size=n, topk=0, teacher_sha256="gpu-check",
+                    batch_size=BUILD_BATCH, device=DEVICE, log=lambda _: None)
+        cached = cache.LogitCache(work / "d-cache", num_samples=n, num_classes=CLASSES, device=DEVICE)
+        online, online_syncs = student_run(x, y, teacher, None, s["d_steps"], student=student_name)
+        offline, cached_syncs = student_run(x, y, teacher, cached, s["d_steps"], student=student_name)
         f["online_s_per_step"] = round(online / s["d_steps"], 4)
         f["cached_s_per_step"] = round(offline / s["d_steps"], 4)
         f["online_over_cached"] = round(online / offline, 2)
+        f["online_host_syncs_per_step"], f["cached_host_syncs_per_step"] = online_syncs, cached_syncs
+
+
+def cache_build(check: Check, s: dict, work: Path) -> None:
+    n = s["e_images"]
+    with check.part(f"e cache build: {n} images x all 162 views of {s['e_net']}") as f:
+        x, y = images(n, seed=3)
+        teacher = net(s["e_net"]).eval()
+        start = time.perf_counter()
+        m = cache.build(teacher, x, y, work / "e-cache", num_classes=CLASSES, augment=CropFlip(4),
+                        views="all", seed=0, dtype="float16", shard_size=n, topk=0,
+                        teacher_sha256="gpu-check", batch_size=BUILD_BATCH, device=DEVICE, log=check.say)
+        seconds = time.perf_counter() - start
+        views = m["num_samples"] * m["num_slots"]
+        f["views"] = views
+        f["build_s"] = round(seconds, 1)
+        f["views_per_s"] = round(views / seconds)
+        f["cifar100_minutes"] = round(seconds * 50_000 / n / 60, 2)  # scaled to 50,000 images
+        f["under_2_minutes"] = f["cifar100_minutes"] < 2
 
 
 def main() -> None:
@@ -271,7 +321,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.log")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, for a test on the CPU")
-    parser.add_argument("--parts", default="abcd", help="which parts to run (default: all)")
+    parser.add_argument("--parts", default="abcde", help="which parts to run (default: all)")
     args = parser.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; use --cpu-smoke to run the check at tiny sizes on the CPU")
@@ -283,7 +333,8 @@ def main() -> None:
     ratio = float("nan")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for part, run in (("a", correctness), ("b", throughput), ("c", paper_epoch), ("d", cached_vs_online)):
+        for part, run in (("a", correctness), ("b", throughput), ("c", paper_epoch), ("d", cached_vs_online),
+                          ("e", cache_build)):
             if part in args.parts:
                 (work / part).mkdir()  # checkpoints of one part never meet another's
                 result = run(check, sizes, work / part)

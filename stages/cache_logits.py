@@ -16,7 +16,7 @@ def main() -> None:
     c = p.cache
     m = cache.build(model, x, y, CACHE, num_classes=ds.num_classes, augment=augmentation(p), views=c.views,
                     seed=p.seed, dtype=c.dtype, shard_size=c.shard_size, topk=c.topk,
-                    teacher_sha256=sha256_file(TEACHER))
+                    teacher_sha256=sha256_file(TEACHER), batch_size=c.batch_size, device=p.compute.device)
     try:
         validate_cache(m, REPORT, c.min_accuracy)
     except DataValidationError as e:

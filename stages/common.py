@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,12 +16,12 @@ import torch
 from torch import nn
 
 import bayeskd
-from bayeskd import config, nets
+from bayeskd import config, nets, runs
 from bayeskd.augment import CropFlip
 from bayeskd.batch import EpochHook
 from bayeskd.data import Dataset
 from bayeskd.io import Failure, sha256_file
-from bayeskd.tracking import dvclive_epochs
+from bayeskd.tracking import dvclive_epochs, end_execution, mlflow_run
 from bayeskd.train import distributed
 
 DATA = "data/prepared"
@@ -37,17 +39,40 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def stage(main: Callable[[], None]) -> None:
     """Run a stage's main. What a user can meet and fix (a damaged or missing input, a full disk, a
     read-only output, a loss that diverged) ends the stage with one `error:` line, not a traceback;
-    outputs are written atomically, so the old ones are untouched."""
+    outputs are written atomically, so the old ones are untouched. Under DVC, a stage fails if
+    params.yaml changed while it ran (bayeskd.runs). A stage that fails, or is stopped by SIGINT or
+    SIGTERM, marks the pipeline execution's MLflow run FAILED or KILLED."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stopped)
+    started_with = runs.params_digest()
     try:
-        main()
-    except Failure as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"cannot read {e.filename or 'an input'}: {e.strerror or e}")
+        try:
+            main()
+            if runs.under_dvc() and (why := runs.changed_while_running(started_with)):
+                fail(why)
+        except Failure as e:
+            fail(str(e))
+        except OSError as e:
+            fail(f"cannot read {e.filename or 'an input'}: {e.strerror or e}")
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and not e.code):
+            end_execution("FAILED")
+        raise
+
+
+def _stopped(signum: int, frame: object) -> None:
+    """The execution's MLflow run is KILLED; then the stage ends by the signal, as it would have."""
+    end_execution("KILLED")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def params() -> config.Params:
-    return config.load_or_exit()
+    """params.yaml, validated; under DVC, the one check_params validated for this run (bayeskd.runs)."""
+    p, digest = config.load_digest_or_exit()
+    if runs.under_dvc() and (why := runs.problem(digest)):
+        fail(why)
+    return p
 
 
 def build(role: str, net: str, ds: Dataset) -> nn.Module:
@@ -84,13 +109,19 @@ def tensors(ds: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor] | None
 
 @contextlib.contextmanager
 def epoch_logging(role: str) -> Iterator[EpochHook | None]:
-    """The per-epoch hook of a training stage: DVCLive curves (MLflow gets them from these files
-    when export_onnx logs the run). Under torchrun only rank 0 logs (and writes the outputs)."""
+    """The per-epoch hook of a training stage: DVCLive curves, and the same, live, in the pipeline
+    execution's MLflow run (which the first training stage of the execution starts). Under torchrun
+    only rank 0 logs (and writes the outputs)."""
     if distributed()[0] != 0:
         yield None
         return
-    with dvclive_epochs(f"dvclive/{role}") as live:
-        yield live
+    with dvclive_epochs(f"dvclive/{role}") as live, mlflow_run() as run:
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            live(epoch, metrics)
+            run.log_epoch(role, epoch, metrics)
+
+        yield on_epoch
 
 
 def finish(model: nn.Module, history: list[dict], weights: str, checkpoint: str, what: str,

@@ -37,7 +37,7 @@ def main() -> None:
         try:
             cache = LogitCache(CACHE, num_samples=len(y), num_classes=ds.num_classes,
                                teacher_sha256=sha256_file(TEACHER),
-                               augmentation=aug.spec() if aug else IDENTITY)
+                               augmentation=aug.spec() if aug else IDENTITY, device=p.compute.device)
         except CacheError as e:
             fail(str(e))
         inputs.append(f"{CACHE}/manifest.json")
@@ -47,14 +47,15 @@ def main() -> None:
     model = build("student", s.net, ds)
     try:
         method = distill.distiller(s.method, model, hparams=s.hparams(), cache=cache, teacher=teacher,
-                                   in_shape=ds.in_shape, num_samples=len(y), processes=p.compute.processes)
+                                   in_shape=ds.in_shape, num_samples=len(y), processes=p.compute.processes,
+                                   device=p.compute.device)
     except ValueError as e:
         fail(f"student.method = {s.method!r} cannot distill {p.teacher.net} -> {s.net}: {e}")
     with epoch_logging("student") as on_epoch:
         history = fit(model, method.loss_fn, TrainSet(x, y, aug, method.view_table), s.optim, seed=p.seed,
                       checkpoint=Checkpoint(CHECKPOINT, fingerprint(s.model_dump(), p.seed, files=inputs)),
                       val=tensors(ds, "val"), on_epoch=on_epoch, extra=method.extra,
-                      compiled=p.compute.compile, name=f"student[{s.method}]")
+                      compiled=p.compute.compile, device=p.compute.device, name=f"student[{s.method}]")
     finish(model, history, STUDENT, CHECKPOINT, f"student {s.net} ({s.method})")
 
 

@@ -1,7 +1,7 @@
 """Stage evaluate: test-split metrics of teacher and student, reliability and confusion plot data;
 validation-split accuracy and NLL (what a model may be selected on); and, where p* is known, the
 teacher on the transfer set: its distance to p* on the un-augmented training split, at T = 1 and at
-the distillation method's temperature."""
+the distillation method's temperature. The models predict on compute.device, in float32."""
 
 import numpy as np
 
@@ -16,20 +16,20 @@ PLOTS = "reports/plots"
 TEACHER_CURVES = "dvclive/teacher"
 
 
-def validation(model, ds: data.Dataset) -> dict[str, float]:
+def validation(model, ds: data.Dataset, device: str) -> dict[str, float]:
     """Accuracy and NLL on the validation split ({} without one)."""
     val = tensors(ds, "val")
     if val is None:
         return {}
-    logits, y = predict(model, val[0]).numpy(), val[1].numpy()
+    logits, y = predict(model, val[0], device=device).numpy(), val[1].numpy()
     return {"val_accuracy": float((logits.argmax(1) == y).mean()), "val_nll": calibration.nll(logits, y)}
 
 
-def transfer_set(model, temperature: float | None) -> dict[str, float]:
+def transfer_set(model, temperature: float | None, device: str) -> dict[str, float]:
     """The teacher's accuracy on the un-augmented training split and its distance to p* there
     (metrics.transfer), for a dataset whose p* is known."""
     ds = data.load(DATA, ("train",))
-    probs = metrics.softmax(predict(model, tensors(ds, "train")[0]).numpy())
+    probs = metrics.softmax(predict(model, tensors(ds, "train")[0], device=device).numpy())
     train = ds.splits["train"]
     return ({"train_accuracy": float((probs.argmax(1) == train.y).mean())}
             | metrics.transfer(probs, train.p, temperature))
@@ -58,11 +58,12 @@ def main() -> None:
     out, probs = {}, {}
     for role, net, weights in (("teacher", p.teacher.net, TEACHER), ("student", p.student.net, STUDENT)):
         model = nets.load_weights(build(role, net, ds), weights)
-        probs[role] = metrics.softmax(predict(model, x).numpy())
-        out[role] = metrics.summary(probs[role], test.y, bins, test.p) | validation(model, ds)
+        probs[role] = metrics.softmax(predict(model, x, device=p.compute.device).numpy())
+        out[role] = (metrics.summary(probs[role], test.y, bins, test.p)
+                     | validation(model, ds, p.compute.device))
         if role == "teacher":
-            out[role] |= training(p) | (transfer_set(model, p.student.temperature()) if test.p is not None
-                                        else {})
+            out[role] |= training(p) | (transfer_set(model, p.student.temperature(), p.compute.device)
+                                        if test.p is not None else {})
     if "transfer_bcpd_mse_at_t" in out["teacher"]:
         out["distill_temperature"] = p.student.temperature()
     out["agreement"] = float((probs["teacher"].argmax(1) == probs["student"].argmax(1)).mean())

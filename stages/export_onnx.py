@@ -1,5 +1,6 @@
 """Stage export_onnx: teacher and student to ONNX, checked against torch with onnxruntime; then the
-pipeline execution's MLflow run, complete (see bayeskd.tracking)."""
+pipeline execution's MLflow run is completed: test metrics, reports, the ONNX student (see
+bayeskd.tracking)."""
 
 import json
 from pathlib import Path
@@ -22,7 +23,8 @@ def main() -> None:
     for role, net, weights in (("teacher", p.teacher.net, TEACHER), ("student", p.student.net, STUDENT)):
         model = nets.load_weights(build(role, net, ds), weights)
         exported[role] = export.to_onnx(model, x[:2], e.opset)
-        report[role] = r = export.check(exported[role], model, x, e.batch_size, e.latency_runs)
+        report[role] = r = export.check(exported[role], model, x, e.batch_size, e.latency_runs,
+                                        device=p.compute.device)
         print(f"{role}: max |onnxruntime - torch| {r['max_abs_diff']:.2e}, "
               f"{r['latency_ms']:.3f} ms per batch of {r['batch_size']}")
     worst = max(r["max_abs_diff"] for r in report.values())
@@ -39,14 +41,13 @@ def main() -> None:
     print(f"wrote models/teacher.onnx, models/student.onnx and {REPORT}")
 
     metrics = json.loads(Path(METRICS).read_text())
-    with mlflow_run() as run:
+    with mlflow_run(final=True) as run:
         student = {"student": metrics["student"], "agreement": metrics["agreement"],
                    "export": {"student": report["student"]}}
         version = run.register_onnx("models/student.onnx", x[:2].numpy(), student)
         run.log_metrics({k: v for k, v in metrics.items() if k not in student}
                         | {"export": {"teacher": report["teacher"]}})
-        for role in ("teacher", "student"):
-            run.log_curves(f"dvclive/{role}", role)
+        run.log_restored_curves({role: f"dvclive/{role}" for role in ("teacher", "student")})
         run.log_artifacts("reports", "dvclive")
     if version:
         print(f"registered models/student.onnx as {MODEL_NAME} version {version}")

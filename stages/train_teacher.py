@@ -48,7 +48,7 @@ def main() -> None:
     with epoch_logging("teacher") as on_epoch:
         history = fit(model, loss_fn, TrainSet(*tensors(ds, "train"), augmentation(p)), t.optim, seed=p.seed,
                       checkpoint=Checkpoint(CHECKPOINT, run), val=val, on_epoch=on_epoch,
-                      compiled=p.compute.compile, name=f"teacher[{t.loss}]")
+                      compiled=p.compute.compile, device=p.compute.device, name=f"teacher[{t.loss}]")
     # the schema refuses these losses without a validation split (config.Data.no_validation_split)
     metadata = calibrate(model, val) if t.loss in config.TEMPERATURE_SCALED else None
     finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})", metadata)

@@ -70,6 +70,79 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
 
 
+def commit_all(repo: Path, message: str) -> str:
+    """`git add -A` and commit; the new commit's hash."""
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
+    return run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory, worker_id) -> Path:
+    """A copy of the project (`make_project`) on which `dvc repro` ran once and whose results are
+    committed ("ce baseline"), with its DVC cache and MLflow store. Built once per test session and
+    shared by every pytest-xdist worker (a file lock in their common temporary directory); tests never
+    change it: they take a copy (`built`)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent
+    root, done = shared / "built-project", shared / "built-project.done"
+    with FileLock(shared / "built-project.lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            root.mkdir()
+            make_project(root)
+            run(["dvc", "repro"], root)
+            commit_all(root, "ce baseline")
+            done.touch()
+    return root
+
+
+@pytest.fixture
+def built(built_project: Path, tmp_path: Path) -> Path:
+    """A copy of `built_project`, this test's own."""
+    dest = tmp_path / "project"
+    shutil.copytree(built_project, dest, symlinks=True)
+    return dest
+
+
+def check_dataset_contract(ds, cfg, directory: Path) -> None:
+    """What every dataset maker owes the pipeline (bayeskd.datasets' docstring), for dataset `ds`
+    made from params `cfg` (the `data` section); `directory` receives a data.save/data.load round trip."""
+    import numpy as np
+
+    from bayeskd import data
+    from bayeskd.datasets import DATASETS
+
+    declared = DATASETS[cfg.name]
+    assert ds.name == cfg.name and {"train", "test"} <= set(ds.splits) <= set(data.SPLITS)
+    assert declared.num_classes(getattr(cfg, declared.key)) in (None, ds.num_classes)
+    assert declared.images == (len(ds.in_shape) == 3)
+    low, high = ds.value_range
+    for s in ds.splits.values():
+        assert s.x.dtype == np.float32 and s.x.shape[1:] == ds.in_shape and len(s.x) == len(s.y) > 0
+        assert s.y.dtype == np.int64 and 0 <= s.y.min() and s.y.max() < ds.num_classes
+        assert low <= s.x.min() and s.x.max() <= high
+        if s.p is not None:
+            assert s.p.dtype == np.float64 and s.p.shape == (len(s.y), ds.num_classes)
+            np.testing.assert_allclose(s.p.sum(1), 1, atol=1e-9)
+        if declared.images:  # raw pixels in [0, 1]; any normalisation belongs to the model
+            assert 0 <= low and high <= 1
+        if ds.info.get("uint8"):
+            np.testing.assert_array_equal(np.round(s.x * 255) / 255, s.x)
+    rows = np.concatenate([s.x.reshape(len(s.x), -1) for s in ds.splits.values()])
+    assert len(np.unique(rows, axis=0)) == len(rows)  # no input twice: validation refuses it
+    if "normalize" in ds.info:
+        channels = ds.in_shape[0]
+        assert declared.images and all(len(ds.info["normalize"][k]) == channels for k in ("mean", "std"))
+    data.save(ds, directory)
+    back = data.load(directory)
+    for k, s in ds.splits.items():  # the on-disk format loses nothing
+        np.testing.assert_array_equal(back.splits[k].x, s.x)
+        np.testing.assert_array_equal(back.splits[k].y, s.y)
+
+
 def feature_steps(method: str, steps: int = 30, student_net: str = "cnn_student",
                   teacher_net: str = "cnn_teacher", in_shape: tuple[int, ...] = (1, 8, 8), n: int = 64,
                   lr: float = 0.01,

@@ -44,5 +44,5 @@ def test_batch_gets_one_view_per_sample():
 
 
 def test_out_of_range_view_is_refused():
-    with pytest.raises(ValueError, match=r"\[0, 162\)"):
+    with pytest.raises(RuntimeError, match=r"\[0, 162\)"):
         CropFlip(4).apply(torch.rand(1, 3, 32, 32), torch.tensor([162]))

@@ -1,10 +1,11 @@
+import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from bayeskd import cache, distill, nets
+from bayeskd import cache, distill, integrity, nets
 from bayeskd.augment import CropFlip
 from bayeskd.config import Optim
 from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
@@ -168,3 +169,17 @@ def test_views_per_sample_and_bfloat16(tmp_path, setup):
         online = teacher(AUG.apply(x, table[idx, slots]))
     torch.testing.assert_close(c.logits(idx, slots), online, rtol=1e-2, atol=2e-2)  # bf16 rounding
     assert json.loads((tmp_path / cache.MANIFEST).read_text())["dtype"] == "bfloat16"
+
+
+def test_view_ids_outside_the_view_space_are_named_on_opening(tmp_path, setup):
+    """A view table whose checksum matches but whose ids do not (a cache written by other code): the
+    ids are checked once, on opening, since a step applies them without reading them back."""
+    build(tmp_path, setup)
+    table = np.load(tmp_path / cache.VIEWS)
+    table[3, 5] = AUG.num_views
+    cache._save(tmp_path, cache.VIEWS, table)
+    manifest = json.loads((tmp_path / cache.MANIFEST).read_text())
+    manifest["view_table"]["sha256"] = hashlib.sha256((tmp_path / cache.VIEWS).read_bytes()).hexdigest()
+    (tmp_path / cache.MANIFEST).write_text(json.dumps(integrity.seal(manifest)))
+    with pytest.raises(cache.CacheError, match=r"views.npy: view ids outside \[0, 18\)"):
+        cache.LogitCache(tmp_path, num_samples=10, num_classes=10)

@@ -12,15 +12,9 @@ import pytest
 import yaml
 
 from bayeskd import tracking
-from conftest import run, wait_for_queue
+from conftest import commit_all, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
-
-
-def commit(project, message):
-    run(["git", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], project)
-    return run(["git", "rev-parse", "HEAD"], project).stdout.strip()
 
 
 def files_at(project, ref):
@@ -29,9 +23,9 @@ def files_at(project, ref):
     return yaml.safe_load(show("params.yaml")), json.loads(show("reports/metrics.json"))
 
 
-def test_seed_sweep_compare_diff_and_tracking(project):
-    run(["dvc", "repro"], project)
-    first = commit(project, "ce baseline")
+def test_seed_sweep_compare_diff_and_tracking(built):
+    project = built  # `dvc repro` ran and was committed
+    first = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
 
     run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce,mse", "-S", "seed=0,1"], project)
     run(["dvc", "queue", "start"], project)
@@ -85,7 +79,7 @@ def test_seed_sweep_compare_diff_and_tracking(project):
     params["student"]["method"] = "none"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "repro"], project)
-    second = commit(project, "baseline student")
+    second = commit_all(project, "baseline student")
 
     md = run(["bayeskd", "diff", first, second], project).stdout
     assert md.startswith("<!-- bayeskd-metrics-diff -->")
@@ -102,7 +96,7 @@ def test_seed_sweep_compare_diff_and_tracking(project):
     logged = client.search_runs([experiment.experiment_id])
     tagged = {r.data.tags["dvc.experiment"] for r in logged}
     assert "" in tagged and len(tagged & exp_names) >= 3  # (ce, 0) is the baseline: nothing reruns
-    alias = client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.MAIN_ALIAS)
+    alias = client.get_model_version_by_alias(tracking.MODEL_NAME, "main")
     latest_main = client.get_run(alias.run_id)
     assert latest_main.data.tags["dvc.experiment"] == ""
     assert latest_main.data.params["student.method"] == "none"

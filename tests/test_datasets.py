@@ -11,11 +11,12 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from bayeskd import config, data
-from conftest import ROOT, run, tiny_params
+from bayeskd.datasets.files import Images, make_cifar, make_imagefolder
+from conftest import ROOT, check_dataset_contract, run, tiny_params
 
 
 def images_cfg(root, **kw):
-    return config.Images(**({"root": str(root), "download": False, "val_fraction": 0.0, "image_size": 32}
+    return Images(**({"root": str(root), "download": False, "val_fraction": 0.0, "image_size": 32}
                             | kw))
 
 
@@ -60,7 +61,7 @@ def cifar_fixture(root, name, monkeypatch, n_train, n_test, seed=0):
 @pytest.mark.parametrize("name,val", [("cifar10", 20), ("cifar100", 100)])
 def test_cifar_fixture_is_read_pixel_for_pixel(tmp_path, monkeypatch, name, val):
     train, ytr, test, yte = cifar_fixture(tmp_path, name, monkeypatch, 200, 100)
-    ds = data.make_cifar(name, images_cfg(tmp_path, val_fraction=val / 200), seed=0)
+    ds = make_cifar(images_cfg(tmp_path, val_fraction=val / 200), seed=0, cifar=name)
     assert ds.num_classes == (10 if name == "cifar10" else 100) and ds.in_shape == (3, 32, 32)
     assert len(ds.splits["train"].y) == 200 - val and len(ds.splits["val"].y) == val
     assert set(ds.splits["val"].y) == set(range(ds.num_classes))  # stratified
@@ -78,12 +79,12 @@ def test_cifar_fixture_is_read_pixel_for_pixel(tmp_path, monkeypatch, name, val)
 def test_validation_split_too_small_for_the_classes(tmp_path, monkeypatch):
     cifar_fixture(tmp_path, "cifar100", monkeypatch, 200, 100)
     with pytest.raises(data.DataError, match="val_fraction = 0.1 holds out 20 of 200 .* fewer than the 100"):
-        data.make_cifar("cifar100", images_cfg(tmp_path, val_fraction=0.1), seed=0)
+        make_cifar(images_cfg(tmp_path, val_fraction=0.1), seed=0, cifar="cifar100")
 
 
 def test_missing_cifar_files_say_where_they_go(tmp_path):
     with pytest.raises(data.DataError) as e:
-        data.make_cifar("cifar100", images_cfg(tmp_path), seed=0)
+        make_cifar(images_cfg(tmp_path), seed=0, cifar="cifar100")
     assert str(tmp_path / "cifar-100-python") in str(e.value) and "data.images.download=true" in str(e.value)
 
 
@@ -100,7 +101,7 @@ def png_folder(root, classes, per_class, sizes):
 
 def test_imagefolder_resizes_and_normalises_by_its_own_statistics(tmp_path):
     png_folder(tmp_path, ["cat", "dog", "eel"], 4, [(20, 30), (40, 40)])
-    ds = data.make_imagefolder(images_cfg(tmp_path, image_size=16, val_fraction=0.25), seed=0)
+    ds = make_imagefolder(images_cfg(tmp_path, image_size=16, val_fraction=0.25), seed=0)
     assert ds.num_classes == 3 and ds.in_shape == (3, 16, 16)
     assert {k: len(s.y) for k, s in ds.splits.items()} == {"train": 9, "val": 3, "test": 12}
     assert 0.0 <= ds.splits["train"].x.min() and ds.splits["train"].x.max() <= 1.0
@@ -109,12 +110,34 @@ def test_imagefolder_resizes_and_normalises_by_its_own_statistics(tmp_path):
 
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(data.DataError, match="train/<class>/"):
-        data.make_imagefolder(images_cfg(tmp_path / "none"), seed=0)
+        make_imagefolder(images_cfg(tmp_path / "none"), seed=0)
     png_folder(tmp_path, ["a", "b"], 1, [(8, 8)])
     (tmp_path / "test" / "c").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "test" / "c" / "x.png")
     with pytest.raises(data.DataError, match="must be the same"):
-        data.make_imagefolder(images_cfg(tmp_path), seed=0)
+        make_imagefolder(images_cfg(tmp_path), seed=0)
+
+
+def offline_data(name, tmp_path, monkeypatch):
+    """Params for a small dataset `name` that can be made here: the embedded ones shrunk, the others
+    on fixture files."""
+    small_images = {"n_train": 100, "n_val": 20, "n_test": 100, "image_size": 8, "smoothness": 1.0}
+    overrides = {"data.name": name, "data.images.root": str(tmp_path / "files"),
+                 "data.images.val_fraction": 0.5, "data.gaussian.n_samples": 1000,
+                 **{f"data.gaussian_images.{k}": v for k, v in small_images.items()}}
+    if name in ("cifar10", "cifar100"):
+        cifar_fixture(tmp_path / "files", name, monkeypatch, 200, 100)
+    if name == "imagefolder":
+        png_folder(tmp_path / "files", ["cat", "dog"], 4, [(20, 30)])
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return config.parse(config.with_overrides(base, overrides)).data
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian_images", "digits", "cifar10", "cifar100",
+                                  "imagefolder"])
+def test_every_dataset_keeps_the_contract(name, tmp_path, monkeypatch):
+    cfg = offline_data(name, tmp_path, monkeypatch)
+    check_dataset_contract(data.make(cfg), cfg, tmp_path / "prepared")
 
 
 def test_every_preset_is_valid_and_unknown_ones_are_refused():

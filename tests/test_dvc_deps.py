@@ -25,9 +25,16 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+def declaration_calls(f: Path, name: str) -> list[ast.Call]:
+    """The calls of `bayeskd.declare.<name>` (collect or scan) in file `f`."""
+    return [node for node in ast.walk(ast.parse(f.read_text())) if isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == name]
+
+
 def imported_files(script: Path) -> set[Path]:
-    """`script` and every project file it imports, at any depth, including imports inside functions
-    and the packages' __init__ files."""
+    """`script` and every project file it imports, at any depth, including imports inside functions,
+    the packages' __init__ files, and every module of a package that imports all of its modules
+    (`declare.collect`)."""
     seen: set[Path] = set()
     todo = [script]
     while todo:
@@ -35,6 +42,8 @@ def imported_files(script: Path) -> set[Path]:
         if f in seen:
             continue
         seen.add(f)
+        if declaration_calls(f, "collect"):
+            todo += sorted(f.parent.glob("*.py"))
         for node in ast.walk(ast.parse(f.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -66,3 +75,13 @@ def test_stage_depends_on_all_code_it_runs(name):
     missing = sorted(str(f.relative_to(ROOT)) for f in code
                      if not any(f == d or d in f.parents for d in deps))
     assert not missing, f"stage {name} runs code it does not depend on: {missing}"
+
+
+def test_the_schema_stage_depends_on_the_declarations_it_reads_from_source():
+    """bayeskd.config reads the methods' and nets' declarations with `declare.scan` (without importing
+    them): the stage that writes the schema must depend on those packages."""
+    config = ROOT / "src/bayeskd/config.py"
+    scanned = {ROOT / "src/bayeskd" / c.args[0].right.value for c in declaration_calls(config, "scan")}
+    assert {p.name for p in scanned} == {"methods", "zoo"}
+    deps = {ROOT / (d if isinstance(d, str) else next(iter(d))) for d in STAGES["check_params"]["deps"]}
+    assert scanned <= deps

@@ -1,20 +1,26 @@
 """Bad input and faults: each ends with one `error:` line naming the file or key, exit code 2, no
-traceback, and every earlier output byte-identical afterwards.
+traceback, and every earlier output byte-identical afterwards; a damaged file is named as damaged,
+with a command that really restores it; two runs in one workspace never mix their parameters.
 
 Parameter faults go through `dvc repro` (DVC must not remove any output before the parameters are
 refused); file faults run the stage that meets them. A full disk and a read-only directory are real
 small tmpfs filesystems mounted over the output directory (this needs root, as CI has)."""
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import make_project, run
+from bayeskd import integrity
+from bayeskd.cache import FORMAT
+from conftest import run
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +32,10 @@ def snapshot(root: Path) -> dict[str, bytes]:
             for f in sorted((root / d).rglob("*")) if f.is_file()}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A copy of the project on which the whole pipeline ran once, committed."""
-    root = make_project(tmp_path_factory.mktemp("faults") / "project")
-    run(["dvc", "repro"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "built"], root)
-    return root
-
-
 @pytest.fixture
-def project(built, tmp_path):
-    dest = tmp_path / "project"
-    shutil.copytree(built, dest, symlinks=True)
-    return dest
+def project(built):
+    """A copy of the project on which the whole pipeline ran once, committed (conftest)."""
+    return built
 
 
 def one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -76,6 +71,12 @@ PARAM_FAULTS = {
                                ["teacher.optim.lr = inf", "finite"]),
     "top-k of all classes": (lambda r: set_params(r, **{"cache.topk": 10}),
                              ["cache.topk = 10", "below the 10 classes"]),
+    "runaway epochs": (lambda r: set_params(r, **{"teacher.optim.epochs": 10**12}),
+                       ["teacher.optim.epochs = 1000000000000: must be between 1 and 10,000"]),
+    "milestone past the epochs": (lambda r: set_params(r, **{"teacher.optim.milestones": [3]}),
+                                  ["teacher.optim: milestones = [3]: 3 not within the 3 epochs"]),
+    "ten samples": (lambda r: set_params(r, **{"data.gaussian.n_samples": 10}),
+                    ["data.gaussian: n_samples = 10 gives", "at least n_classes = 10"]),
 }
 
 
@@ -98,6 +99,13 @@ def test_an_experiment_with_an_unknown_key_is_refused(project):
 
 
 MANIFEST = "cache/teacher_logits/manifest.json"
+SEALED = integrity.seal({"format": FORMAT})  # a manifest, intact, of the current format, but empty
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
 
 
 def truncate(path: Path) -> None:
@@ -114,8 +122,13 @@ FILE_FAULTS = {
                                 "manifest.json: damaged"),
     "manifest with bad JSON": (lambda r: (r / MANIFEST).write_text('{"format": '), "distill",
                                "manifest.json: damaged"),
-    "manifest missing a key": (lambda r: (r / MANIFEST).write_text('{"format": "bayeskd.logit_cache/2"}'),
-                               "distill", "manifest.json: damaged (no entry"),
+    "manifest missing a key": (lambda r: (r / MANIFEST).write_text(json.dumps(SEALED)), "distill",
+                               "manifest.json: damaged (no entry"),
+    "manifest with a changed count": (lambda r: edit(r / MANIFEST, '"num_samples": 1200', '"num_samples": 1'),
+                                      "distill", "manifest.json: damaged (its content does not match"),
+    "info.json with a changed count": (lambda r: edit(r / "data/prepared/info.json", '"num_classes": 10',
+                                                      '"num_classes": 11'), "train_teacher",
+                                       "data/prepared/info.json: damaged"),
     "diverging loss": (lambda r: set_params(r, **{"teacher.optim.lr": 1e30}), "train_teacher",
                        "the loss became non-finite"),
 }
@@ -206,10 +219,14 @@ def test_a_full_disk_in_the_cache_build_says_so_and_the_build_resumes(project):
     assert "cache shard 1/4: already built" in resumed
 
 
-def test_a_bad_override_of_the_pipeline_flow_is_one_line(project):
-    result = run(["python", "-m", "flows.pipeline", "teacher.loss=hinge"], project, check=False)
+@pytest.mark.parametrize("override,expected", [
+    ("teacher.loss=hinge", "teacher.loss = 'hinge': not allowed"),
+    ("seed=[1", "seed=[1: not valid YAML: expected ',' or ']'"),
+])
+def test_a_bad_override_of_the_pipeline_flow_is_one_line(project, override, expected):
+    result = run(["python", "-m", "flows.pipeline", override], project, check=False)
     assert result.returncode == 2
-    one_error_line(result, "teacher.loss = 'hinge': not allowed")
+    one_error_line(result, expected)
     assert len((result.stdout + result.stderr).splitlines()) <= 3
 
 
@@ -219,3 +236,159 @@ def test_a_damaged_prepared_split_is_named(project):
     assert result.returncode == 2
     one_error_line(result, "data/prepared/train.npz: damaged")
 
+
+
+# --- integrity: damage that DVC does not see -------------------------------------------------------
+
+TEACHER = "models/teacher.safetensors"
+
+
+def flip(path: Path, at: int = -100) -> None:
+    """Flip one byte in place (as root, also in a read-only DVC cache object, whose mode DVC trusts)."""
+    with open(path, "r+b") as f:
+        f.seek(at, os.SEEK_END if at < 0 else os.SEEK_SET)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def cache_object(root: Path, path: str) -> Path:
+    """The DVC cache's copy of a file output, as dvc.lock names it."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    md5 = next(o["md5"] for st in lock["stages"].values() for o in st.get("outs", []) if o["path"] == path)
+    return root / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+
+
+def command_in(line: str) -> str:
+    """The last `...` command an error line names."""
+    return re.findall(r"`([^`]+)`", line)[-1]
+
+
+def test_a_teacher_damaged_in_the_dvc_cache_is_named_and_the_named_command_restores_it(project):
+    """The damage DVC cannot see: a flipped byte in the cache object, restored by `dvc checkout` (DVC
+    trusts its cache: `dvc status` says nothing changed). distill names the teacher as damaged, not
+    the cache as stale, and the command it names really restores the teacher, in the cache too."""
+    intact = (project / TEACHER).read_bytes()
+    flip(cache_object(project, TEACHER))
+    (project / TEACHER).unlink()
+    run(["dvc", "checkout"], project)
+    assert (project / TEACHER).read_bytes() != intact  # DVC restored the damaged copy
+    before = snapshot(project)
+    result = run(["python", "stages/distill.py"], project, check=False)
+    assert result.returncode == 2
+    line = one_error_line(result, f"error: {TEACHER}: damaged (its tensors do not match the sha256",
+                          "the DVC cache's copy", "is damaged too")
+    assert snapshot(project) == before
+    fix = command_in(line)
+    assert fix.startswith("rm -f ") and fix.endswith(" && dvc repro")
+    run(["bash", "-c", fix], project)
+    assert (project / TEACHER).read_bytes() == intact
+    assert cache_object(project, TEACHER).read_bytes() == intact
+    assert integrity.verify(project)[0] == []
+
+
+def test_a_teacher_damaged_in_the_workspace_is_named_and_dvc_checkout_force_restores_it(project):
+    intact = (project / TEACHER).read_bytes()
+    flip(project / TEACHER)
+    before = snapshot(project)
+    result = run(["python", "stages/cache_logits.py"], project, check=False)
+    assert result.returncode == 2
+    line = one_error_line(result, f"error: {TEACHER}: damaged")
+    assert snapshot(project) == before  # the cache was not rebuilt from the damaged teacher
+    assert command_in(line) == f"dvc checkout --force {TEACHER}"
+    run(command_in(line).split(), project)
+    assert (project / TEACHER).read_bytes() == intact
+
+
+def test_a_failed_evaluate_keeps_the_old_reports(project):
+    """evaluate's and export_onnx's outputs persist, so DVC does not remove them before the stage
+    runs, and the stage writes atomically: a damaged input leaves the old metrics and plots."""
+    flip(project / TEACHER)
+    before = snapshot(project)
+    result = run(["dvc", "repro", "-f", "-s", "evaluate"], project, check=False)
+    one_error_line(result, f"error: {TEACHER}: damaged", f"`dvc checkout --force {TEACHER}`")
+    assert "exited with 2" in result.stdout + result.stderr
+    assert snapshot(project) == before
+
+
+def every_output_file(root: Path) -> list[str]:
+    return sorted(f for out in integrity.lock_outputs(root) for f in
+                  ([out.path] if not out.is_dir else
+                   [p.relative_to(root).as_posix() for p in (root / out.path).rglob("*") if p.is_file()]))
+
+
+def test_verify_names_a_flipped_byte_in_any_output_and_in_any_cached_copy(project):
+    assert integrity.verify(project)[0] == []
+    files = every_output_file(project)
+    assert len(files) > 30 and "reports/plots/reliability_student.csv" in files
+    for f in files:
+        path = project / f
+        # a byte in the middle; in a model also the last one (an ONNX model's digest is at its end)
+        for at in (path.stat().st_size // 2, *([-1] if f.startswith("models/") else [])):
+            original = path.read_bytes()
+            flip(path, at)
+            try:
+                problems, _ = integrity.verify(project)
+            finally:
+                path.write_bytes(original)
+            assert len(problems) == 1 and problems[0].startswith(f"{f}: "), (f, at, problems)
+    objects = sorted(p for p in (project / ".dvc/cache/files/md5").rglob("*") if p.is_file())
+    named = set()
+    for obj in objects:  # (files of equal content, such as the two lr.tsv curves, share one)
+        original = obj.read_bytes()
+        flip(obj, len(original) // 2)
+        try:
+            problems, _ = integrity.verify(project)
+        finally:
+            obj.write_bytes(original)
+        shown = str(obj.relative_to(project))
+        assert problems and all("DVC cache's" in p and shown in p for p in problems), (obj, problems)
+        named |= {p.split(":")[0] for p in problems}
+    assert TEACHER in named and "data/prepared" in named  # a file, and a directory's list of files
+
+
+def test_bayeskd_verify_names_each_bad_file_with_one_error_line(project):
+    flip(project / TEACHER)
+    flip(project / "reports/metrics.json", 5)
+    result = run(["bayeskd", "verify"], project, check=False)
+    assert result.returncode == 1
+    one_error_line(result, "2 of the ", f"{TEACHER}: damaged", f"`dvc checkout --force {TEACHER}`",
+                   "reports/metrics.json: differs from dvc.lock; restore it with "
+                   "`git checkout -- reports/metrics.json`")
+
+
+# --- one experiment per workspace ---------------------------------------------------------------
+
+def test_two_experiments_in_one_workspace_do_not_mix_their_parameters(project, tmp_path):
+    """`dvc exp run -S seed=1 & dvc exp run -S seed=2`: the second rewrites params.yaml before DVC's
+    lock refuses it. The first run stops with one line naming the cause, before any stage uses (or
+    DVC records) the second's parameters: no stage of dvc.lock but check_params records seed 2, no
+    MLflow run, no experiment."""
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:  # a teacher long enough for the second run to come in meanwhile
+        first = subprocess.Popen(["dvc", "exp", "run", "-S", "seed=1", "-S", "teacher.optim.epochs=40"],
+                                 cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "Running stage 'train_teacher'" not in log.read_text():
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        while yaml.safe_load((project / "params.yaml").read_text())["seed"] != 2:
+            # the second run rewrites params.yaml once it gets DVC's repository lock (free while a
+            # stage's command runs)
+            assert first.poll() is None, "the first run ended before the second came in"
+            second = run(["dvc", "exp", "run", "-S", "seed=2"], project, check=False)
+            assert second.returncode != 0
+        first.wait(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    result = subprocess.CompletedProcess(first.args, first.returncode, log.read_text(), "")
+    one_error_line(result, "params.yaml", "--queue")
+    assert "Created version" not in result.stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    seeds = {name: st["params"]["params.yaml"].get("seed") for name, st in lock.items()}
+    assert all(seed in (None, 0, 1) for name, seed in seeds.items() if name != "check_params"), seeds
+    assert not (tmp_path / "mlflow.db").exists()  # export_onnx, which logs the run, never ran
+    assert run(["dvc", "exp", "list", "--name-only"], project).stdout.strip() == ""

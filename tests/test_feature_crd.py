@@ -3,13 +3,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bayeskd import feature
+from bayeskd import methods
 from bayeskd.batch import Batch
 from conftest import feature_steps
 
 
-def probe(dim: int) -> feature.Features:
-    return feature.Features(torch.zeros(2, 10), [], torch.zeros(2, dim))
+def probe(dim: int) -> methods.Features:
+    return methods.Features(torch.zeros(2, 10), [], torch.zeros(2, dim))
 
 
 def direct_nce(anchor, bank, contrast, z, temperature, n):
@@ -26,7 +26,7 @@ def direct_nce(anchor, bank, contrast, z, temperature, n):
 def test_loss_matches_direct_evaluation():
     torch.manual_seed(0)
     n, dim = 7, 5
-    method = feature.create("crd", probe(4), probe(6), n, feat_dim=dim, nce_k=3, nce_t=0.5)
+    method = methods.create("crd", probe(4), probe(6), n, feat_dim=dim, nce_k=3, nce_t=0.5)
     method.memory_s.rows.copy_(F.normalize(torch.randn(n, dim), dim=1))
     method.memory_t.rows.copy_(F.normalize(torch.randn(n, dim), dim=1))
     method.z.copy_(torch.tensor([3.0, 5.0]))
@@ -42,7 +42,7 @@ def test_loss_matches_direct_evaluation():
 def test_normaliser_is_set_by_the_first_batch_then_fixed():
     torch.manual_seed(0)
     n = 9
-    method = feature.create("crd", probe(4), probe(4), n, feat_dim=3, nce_k=4)
+    method = methods.create("crd", probe(4), probe(4), n, feat_dim=3, nce_k=4)
     e = F.normalize(torch.randn(2, 3), dim=1)
     contrast = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 0]])
     scores = torch.exp(method.memory_t.rows[contrast] @ e[:, :, None] / method.nce_t)
@@ -54,7 +54,7 @@ def test_normaliser_is_set_by_the_first_batch_then_fixed():
 
 
 def test_negatives_exclude_the_positive_and_follow_the_global_rng():
-    method = feature.create("crd", probe(4), probe(4), 5, feat_dim=3)
+    method = methods.create("crd", probe(4), probe(4), 5, feat_dim=3)
     assert method.nce_k == 4  # min(16384, N - 1)
     idx = torch.tensor([0, 2, 4, 4])
     torch.manual_seed(1)
@@ -70,7 +70,7 @@ def test_negatives_exclude_the_positive_and_follow_the_global_rng():
 def test_memory_bank_updates_the_batch_rows_with_momentum():
     torch.manual_seed(0)
     n = 6
-    method = feature.create("crd", probe(4), probe(5), n, feat_dim=3, nce_m=0.5)
+    method = methods.create("crd", probe(4), probe(5), n, feat_dim=3, nce_m=0.5)
     s, t = probe(4), probe(5)
     s.pooled, t.pooled = torch.randn(2, 4), torch.randn(2, 5)
     idx = torch.tensor([1, 3])

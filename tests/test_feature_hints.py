@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd import feature
+from bayeskd import methods
 from bayeskd.taps import Features
 from conftest import feature_steps
 
@@ -59,7 +59,7 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fitnet_is_the_mse_of_the_connected_middle_pair(layout):
     s, t = pair(layout)
-    method = feature.create("fitnet", s, t, 100).double()
+    method = methods.create("fitnet", s, t, 100).double()
     randomise(method, 3)
     got = method.terms(s, t, None, 1)["fitnet"].item()
 
@@ -77,7 +77,7 @@ def test_fitnet_is_the_mse_of_the_connected_middle_pair(layout):
 @pytest.mark.parametrize("p", [2.0, 3.0])
 def test_at_is_the_squared_difference_of_normalised_attention_maps(layout, p):
     s, t = pair(layout)
-    got = feature.create("at", s, t, 100, p=p).terms(s, t, None, 1)["at"].item()
+    got = methods.create("at", s, t, 100, p=p).terms(s, t, None, 1)["at"].item()
 
     expected = 0.0
     for a, b in numpy_pairs(s, t):
@@ -93,7 +93,7 @@ def test_at_is_the_squared_difference_of_normalised_attention_maps(layout, p):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_vid_is_the_gaussian_negative_log_likelihood(layout):
     s, t = pair(layout)
-    method = feature.create("vid", s, t, 100).double()
+    method = methods.create("vid", s, t, 100).double()
     var0 = torch.nn.functional.softplus(method.alphas[0]) + 1e-5
     torch.testing.assert_close(var0, torch.full_like(var0, 5.0))
     randomise(method, 4)
@@ -122,7 +122,7 @@ def test_training_lowers_the_term(name):
 @pytest.mark.parametrize("name", ["fitnet", "at", "vid"])
 def test_gradients_reach_the_student_and_the_method_not_the_teacher(name):
     s, t = pair("student_larger", grad=True)
-    method = feature.create(name, s, t, 100).double()
+    method = methods.create(name, s, t, 100).double()
     method.terms(s, t, None, 1)[name].backward()
     assert all(f.grad is None for f in [*t.stages, t.pooled])
     used = s.stages[1:] if name == "fitnet" else s.stages  # FitNet reads the middle pair only
@@ -133,7 +133,7 @@ def test_gradients_reach_the_student_and_the_method_not_the_teacher(name):
 
 def test_vid_builds_one_regressor_per_stage_pair():
     s, t = pair("teacher_larger")
-    method = feature.create("vid", s, t, 100)
+    method = methods.create("vid", s, t, 100)
     assert len(method.regressors) == len(method.alphas) == 2
     assert [a.shape[0] for a in method.alphas] == [4, 6]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bayeskd import feature, nets
+from bayeskd import methods, nets
 from bayeskd.batch import Batch
 from bayeskd.losses import soft_kl as kl
 from bayeskd.taps import Extractor
@@ -16,7 +16,7 @@ SHAPE = (1, 8, 8)
 def pair(in_shape=SHAPE):
     torch.manual_seed(0)
     student, teacher = nets.build("cnn_student", 10, in_shape), nets.build("cnn_teacher", 10, in_shape).eval()
-    return student, teacher, feature.build("hsakd", student, teacher, in_shape, num_samples=8)
+    return student, teacher, methods.build("hsakd", student, teacher, in_shape, num_samples=8)
 
 
 def test_kl_matches_direct_evaluation():

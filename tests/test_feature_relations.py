@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd import feature
+from bayeskd import methods
+from bayeskd.batch import Batch
 from bayeskd.taps import Features
 from conftest import feature_steps
 
@@ -34,7 +35,7 @@ def smooth_l1(x: np.ndarray) -> np.ndarray:
 
 def test_pkt_is_the_kl_of_cosine_kernel_conditionals():
     s, t = pair()
-    got = feature.create("pkt", s, t, 100).terms(s, t, None, 1)["pkt"].item()
+    got = methods.create("pkt", s, t, 100).terms(s, t, None, 1)["pkt"].item()
 
     eps = 1e-7
 
@@ -55,12 +56,12 @@ def test_pkt_vanishes_for_identical_relations():
     s, t = pair()
     padded = torch.cat([s.pooled, torch.zeros(N, 2, dtype=torch.float64)], 1)  # the same cosines
     t = Features(t.logits, t.stages, padded)
-    assert feature.create("pkt", s, t, 100).terms(s, t, None, 1)["pkt"].item() == pytest.approx(0.0, abs=1e-9)
+    assert methods.create("pkt", s, t, 100).terms(s, t, None, 1)["pkt"].item() == pytest.approx(0.0, abs=1e-9)
 
 
 def test_sp_is_the_frobenius_distance_of_normalised_gram_matrices():
     s, t = pair()
-    got = feature.create("sp", s, t, 100).terms(s, t, None, 1)["sp"].item()
+    got = methods.create("sp", s, t, 100).terms(s, t, None, 1)["sp"].item()
 
     def gram(f: np.ndarray) -> np.ndarray:
         q = f.reshape(N, -1)
@@ -73,7 +74,7 @@ def test_sp_is_the_frobenius_distance_of_normalised_gram_matrices():
 
 def test_cc_is_the_mean_product_of_consecutive_embedding_differences():
     s, t = pair()
-    method = feature.create("cc", s, t, 100).double()
+    method = methods.create("cc", s, t, 100).double()
     got = method.terms(s, t, None, 1)["cc"].item()
 
     def embed(f: np.ndarray, linear: torch.nn.Linear) -> np.ndarray:
@@ -93,7 +94,7 @@ def test_cc_is_the_mean_product_of_consecutive_embedding_differences():
 
 def test_rkd_is_smooth_l1_on_distances_and_angles():
     s, t = pair()
-    got = feature.create("rkd", s, t, 100).terms(s, t, None, 1)["rkd"].item()
+    got = methods.create("rkd", s, t, 100).terms(s, t, None, 1)["rkd"].item()
 
     def distances(f: np.ndarray) -> np.ndarray:
         d = np.array([[np.linalg.norm(f[i] - f[j]) for j in range(N)] for i in range(N)])
@@ -119,7 +120,7 @@ def test_rkd_is_invariant_to_rotation_scale_and_shift_of_the_student():
     s, t = pair()
     q, _ = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64))
     moved = Features(s.logits, s.stages, 3.0 * s.pooled @ q + 1.5)
-    method = feature.create("rkd", s, t, 100)
+    method = methods.create("rkd", s, t, 100)
     assert method.terms(moved, t, None, 1)["rkd"].item() == pytest.approx(
         method.terms(s, t, None, 1)["rkd"].item(), rel=1e-9
     )
@@ -136,7 +137,7 @@ def test_training_lowers_the_term(name):
 @pytest.mark.parametrize("name", ["pkt", "sp", "cc", "rkd"])
 def test_gradients_reach_the_student_and_the_method_not_the_teacher(name):
     s, t = pair(grad=True)
-    method = feature.create(name, s, t, 100).double()
+    method = methods.create(name, s, t, 100).double()
     method.terms(s, t, None, 1)[name].backward()
     assert all(f.grad is None for f in [*t.stages, t.pooled])
     used = s.stages[-1] if name == "sp" else s.pooled
@@ -162,12 +163,13 @@ def test_terms_are_computed_in_float32_under_bf16_autocast(name):
         Features(f.logits.float(), [x.bfloat16() for x in f.stages], f.pooled.bfloat16().relu())
         for f in pair()
     )
-    method = feature.create(name, s, t, 100)
-    exact = method.terms(
-        *(Features(f.logits, [x.float() for x in f.stages], f.pooled.float()) for f in (s, t)), None, 1
+    method = methods.create(name, s, t, 100)
+    batch = Batch(torch.zeros(N, 1), torch.zeros(N, dtype=torch.long), torch.arange(N))
+    exact = method(
+        *(Features(f.logits, [x.float() for x in f.stages], f.pooled.float()) for f in (s, t)), batch, 1
     )[name]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = method.terms(s, t, None, 1)[name]
+        got = method(s, t, batch, 1)[name]  # the method's declaration: in_float32
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(exact.item(), rel=1e-5)
 

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from bayeskd import feature
+from bayeskd import methods
 from bayeskd.batch import Batch
-from bayeskd.feature.reviewkd import hcl
+from bayeskd.methods.reviewkd import hcl
 from conftest import feature_steps
 
 
@@ -42,13 +42,13 @@ def test_hcl_at_8x8_by_hand():
 
 
 def features(stages, pooled):
-    return feature.Features(torch.zeros(2, 10), [torch.zeros(2, *s) for s in stages], torch.zeros(2, pooled))
+    return methods.Features(torch.zeros(2, 10), [torch.zeros(2, *s) for s in stages], torch.zeros(2, pooled))
 
 
 def test_fusion_matches_the_teacher_levels_deep_to_shallow():
     s = features([(4, 16, 16), (8, 8, 8), (12, 4, 4)], 12)
     t = features([(6, 32, 32), (10, 16, 16)], 20)  # fewer, larger teacher stages: matched from the top
-    method = feature.create("reviewkd", s, t, 10)
+    method = methods.create("reviewkd", s, t, 10)
     assert len(method.abfs) == 3 and method.abfs[0].attention is None
     assert all(abf.attention is not None for abf in method.abfs[1:])
     assert method.abfs[0].reduce[0].out_channels == 12  # min(512, student pooled width)
@@ -62,19 +62,19 @@ def test_warm_up_scales_the_term():
     s, t = features([(8, 4, 4), (16, 4, 4)], 16), features([(32, 4, 4), (64, 4, 4)], 64)
     for f in (s, t):
         f.stages, f.pooled = [torch.randn_like(m) for m in f.stages], torch.randn_like(f.pooled)
-    method = feature.create("reviewkd", s, t, 10).eval()
+    method = methods.create("reviewkd", s, t, 10).eval()
     batch = Batch(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.arange(2))
-    full = method.terms(s, t, batch, epoch=20)["reviewkd"]
-    for epoch in (1, 5, 19, 20, 40):
+    full = method.terms(s, t, batch, epoch=19)["reviewkd"]  # epochs count from 0: the 20th
+    for epoch in (0, 4, 18, 19, 39):
         got = method.terms(s, t, batch, epoch=epoch)["reviewkd"]
-        torch.testing.assert_close(got, min(epoch / 20, 1.0) * full)
-    half = feature.create("reviewkd", s, t, 10, weight=2.0, warmup=4).eval()
+        torch.testing.assert_close(got, min((epoch + 1) / 20, 1.0) * full)
+    half = methods.create("reviewkd", s, t, 10, weight=2.0, warmup=4).eval()
     half.load_state_dict(method.state_dict())
-    torch.testing.assert_close(half.terms(s, t, batch, epoch=2)["reviewkd"], full)
+    torch.testing.assert_close(half.terms(s, t, batch, epoch=1)["reviewkd"], full)
 
 
 def test_reviewkd_trains():
-    history = feature_steps("reviewkd", warmup=1)  # full weight at epoch 1
+    history = feature_steps("reviewkd", warmup=1)  # full weight from the first epoch
     loss = [h["reviewkd"] for h in history]
     assert all(math.isfinite(v) for h in history for v in h.values())
     assert sum(loss[-5:]) / 5 < 0.95 * loss[0]

@@ -1,26 +1,25 @@
-"""Prefect flows: under prefect_test_harness, and against a real `prefect server` with process
-workers that deploy from prefect.yaml."""
+"""Prefect flows under prefect_test_harness, and from the command line without a server. The
+deployments, a work pool and its workers on a real server: tests/test_team.py."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from bayeskd import flows
 from bayeskd.config import ParamsError
 from conftest import BIN, run
+from services import start
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +79,24 @@ def test_failing_stage_fails_the_run_with_its_own_error(project, harness, tmp_pa
     assert len(kept) == 1 and (kept[0] / "data/prepared/train.npz").exists()  # kept to resume
 
 
+def test_a_damaged_copy_in_the_dvc_cache_fails_the_run_before_any_stage(project, harness):
+    """DVC restores a cached copy as it is; the flow checks the copies of the outputs dvc.lock names
+    before the first stage, and names the damaged one."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    md5 = next(o["md5"] for o in lock["train_teacher"]["outs"] if o["path"] == "models/teacher.safetensors")
+    obj = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(b"not the teacher")
+    state = flows.pipeline(repo=str(project), push=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(flows.DamagedFiles, match="models/teacher.safetensors: the DVC cache's copy .* is "
+                       "damaged .* `rm -f .* && dvc repro`"):
+        state.result()
+    kept = [p for p in (project / flows.WORKSPACES).iterdir() if p.is_dir()]
+    assert len(kept) == 1 and not (kept[0] / "data/prepared").exists()  # no stage ran
+    assert set(run(["git", "status", "--porcelain"], kept[0]).stdout.splitlines()) <= {" M params.yaml"}
+
+
 def test_one_workspace_per_flow_run(tmp_path):
     with flows.locked_workspace(tmp_path, "abc") as ws:
         with pytest.raises(RuntimeError, match="another flow run is using the workspace"):
@@ -89,125 +106,13 @@ def test_one_workspace_per_flow_run(tmp_path):
         assert again == ws
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A real Prefect server on 127.0.0.1 at a free port; stopped afterwards."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = os.environ | {
-        "PATH": BIN + os.pathsep + os.environ["PATH"], "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    proc = start([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                 env, tmp_path, tmp_path / "server.log")
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(1)
-    try:
-        yield url, env
-    finally:
-        stop(proc)
-
-
-def wait_final(client, flow_run_id, timeout=600):
-    deadline = time.monotonic() + timeout
-    while True:
-        fr = client.read_flow_run(flow_run_id)
-        if fr.state and fr.state.is_final():
-            return fr
-        assert time.monotonic() < deadline, f"flow run still {fr.state.name}"
-        time.sleep(2)
-
-
-def test_deployments_workers_and_comparison_on_a_real_server(project, server, tmp_path):
-    url, env = server
-    remote = str(tmp_path / "dvc-remote")
-    prefect = f"{BIN}/prefect"
-    subprocess.run([prefect, "work-pool", "create", "gpu", "--type", "process"], env=env, check=True,
-                   capture_output=True)
-    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=project, capture_output=True,
-                            text=True, env=env | {"BAYESKD_GIT_URL": str(project)})
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-
-    workers = []
-    try:
-        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-            deployments = {d.name: d for d in client.read_deployments()}
-            assert set(deployments) == {"nightly", "weekly-comparison"}
-            for d in deployments.values():
-                assert not d.paused and d.work_pool_name == "gpu"
-                assert d.schedules and all(s.active for s in d.schedules)
-            assert deployments["nightly"].schedules[0].schedule.cron == "0 2 * * *"
-
-            for name in ("w1", "w2"):
-                (tmp_path / name).mkdir()
-                workers.append(start([prefect, "worker", "start", "--pool", "gpu", "--name", name,
-                                      "--limit", "1"], env, tmp_path / name, tmp_path / f"{name}.log"))
-
-            fr = client.create_flow_run_from_deployment(
-                deployments["nightly"].id, parameters={"experiment": "nightly-run", "dvc_remote": remote})
-            fr = wait_final(client, fr.id)
-            assert fr.state.is_completed(), [p.read_text()[-3000:] for p in tmp_path.glob("w*.log")]
-            assert "nightly-run" in exp_names(project)
-            assert artifact(client, "bayeskd-metrics").flow_run_id == fr.id
-
-            # the comparison, here in this process; its variants go to the two workers
-            os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-            try:
-                table = flows.compare(teacher_losses=["ce", "mse"], seeds=[3], repo=str(project),
-                                      deployment="bayeskd-pipeline/nightly", dvc_remote=remote)
-            finally:
-                del os.environ["MLFLOW_TRACKING_URI"]
-            assert "| ce | 1 |" in table and "| mse | 1 |" in table
-            variants = [r for r in client.read_flow_runs() if r.name.startswith(("ce-seed3", "mse-seed3"))]
-            assert len(variants) == 2 and all(v.state.is_completed() for v in variants)
-            a, b = sorted(variants, key=lambda r: r.start_time)
-            assert b.start_time < a.end_time, "the two variants did not run concurrently"
-            assert "CE vs MSE" in artifact(client, "bayeskd-comparison").data
-        assert (project / "reports/compare/table.csv").exists()
-    finally:
-        for w in workers:
-            stop(w)
-    parents = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("bayeskd").experiment_id],
-        filter_string="tags.`mlflow.parentRunId` != ''")
-    assert len(parents) == 2  # both variants are children of the comparison's run
-
-
 def test_killed_flow_run_leaves_no_partial_output_and_its_rerun_resumes(project, tmp_path):
     """`python -m flows.pipeline key=value` without a Prefect server, killed while the teacher
     trains, then run again."""
     env = os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1",
                         "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    run(["dvc", "remote", "modify", "--local", "shared", "url", str(tmp_path / "dvc-remote")], project)
+    run(["dvc", "remote", "add", "--local", "-d", "shared", str(tmp_path / "dvc-remote")], project)
     args = [sys.executable, "-m", "flows.pipeline", "teacher.loss=ls", "data.gaussian.n_samples=20000",
             "data.gaussian.train_fraction=0.8", "teacher.optim.epochs=6", "teacher.optim.milestones=[4]",
             "student.optim.epochs=1", "student.optim.milestones=[]"]
@@ -231,3 +136,10 @@ def test_killed_flow_run_leaves_no_partial_output_and_its_rerun_resumes(project,
     assert "teacher[ls]: resuming after epoch" in second.stdout + second.stderr
     assert not workspace.exists()
     assert any(n.startswith("ls-seed0-") for n in exp_names(project))
+    # MLflow: the killed execution's run is KILLED; the rerun's has every epoch once
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("bayeskd").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    done = next(r for r in runs if r.info.status == "FINISHED")
+    history = client.get_metric_history(done.info.run_id, "teacher/train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]

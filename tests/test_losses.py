@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bayeskd import calibration, nets
-from bayeskd.data import gaussian_bcpd
+from bayeskd.datasets.gaussian import gaussian_bcpd
 from bayeskd.losses import TEACHER_LOSSES, ce, ls, mse
 
 

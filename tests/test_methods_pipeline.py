@@ -70,7 +70,7 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
     params = tiny_params(**{"data.name": "digits", "data.augment.padding": 1, "cache.views": 2,
                             "teacher.net": "cnn_teacher", "student.net": "cnn_student",
                             "teacher.optim.epochs": 2, "student.optim.epochs": 2,
-                            "student.optim.milestones": [1]})
+                            "teacher.optim.milestones": [1], "student.optim.milestones": [1]})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "digits"], project)
     for loss in ("ce", "mse"):
@@ -83,7 +83,7 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
         rev = exp["revs"][0]
         params = rev["data"]["params"]["params.yaml"]["data"]
         assert f"{params['teacher']['loss']}-{params['student']['method']}" == rev["name"]
-        # the curves are in the DVC cache, read at the experiment's commit
+        # the training summary (a DVC metric in git), read at the experiment's commit
         summary = dvc_api.read("dvclive/student/metrics.json", repo=str(project), rev=rev["rev"])
         results[rev["name"]] = json.loads(summary)
     assert set(results) == {f"{loss}-{m}" for loss in ("ce", "mse") for m in methods}

@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from bayeskd import calibration, data, nets
 from bayeskd.cache import IDENTITY, LogitCache
@@ -21,8 +20,9 @@ from conftest import BIN, run, tiny_params
 pytestmark = pytest.mark.slow
 
 
-def test_repro_then_mse_experiment(project):
-    run(["dvc", "repro"], project)
+def test_repro_then_mse_experiment(built):
+    """`dvc repro` of the default (the shared built project), then an MSE experiment beside it."""
+    project = built
     metrics = json.loads((project / "reports/metrics.json").read_text())
     test_split = {"accuracy", "nll", "ece", "brier", "bcpd_mse", "val_accuracy", "val_nll"}
     transfer_set = {"train_accuracy", "transfer_bcpd_mse", "transfer_bcpd_mse_at_t", "plateau"}
@@ -37,8 +37,18 @@ def test_repro_then_mse_experiment(project):
     assert manifest["num_samples"] == 1200 and manifest["dtype"] == "float16"
     assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
 
-    run(["git", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ce baseline"], project)
+    # a fresh clone, no DVC remote, no cache: the commit's metrics, plots and curves are in git
+    fresh = project.parent / "fresh"
+    run(["git", "clone", "-q", str(project), str(fresh)], project.parent)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], fresh).stdout)
+    assert shown == json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    for command in (["dvc", "plots", "show", "-o", "out"], ["dvc", "plots", "diff", "HEAD", "-o", "out"]):
+        result = run(command, fresh)
+        assert "failed to load" not in result.stdout + result.stderr
+        html = (fresh / "out/index.html").read_text()
+        assert "dvclive_teacher_plots_metrics_val_acc_tsv" in html and '"acc": "0.' in html
+    assert not (fresh / "models").exists()
+
     run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
 
     runs = runs_in(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
@@ -53,8 +63,11 @@ def test_repro_then_mse_experiment(project):
     assert "failed to load" not in shown.stdout + shown.stderr
     html = (project / "plots_out/index.html").read_text()
     plots = re.findall(r'<div id = "([^"]+)">', html)  # only the declared charts
-    assert plots == ["validation_accuracy", "validation_nll", "training_accuracy", "reliability",
-                     "student_confusion"]
+    assert plots[:5] == ["validation_accuracy", "validation_nll", "training_accuracy", "reliability",
+                         "student_confusion"]
+    curves = {f"dvclive_{role}_plots_metrics_{curve}_tsv" for role in ("teacher", "student")
+              for curve in ("lr", "train_acc", "train_loss", "val_acc", "val_nll")}
+    assert curves <= set(plots[5:]) and all(p.startswith("dvclive_") for p in plots[5:])
     assert "<script src=" not in html and "vegaEmbed" in html  # scripts inlined: renders offline
     assert len(html) < 2_000_000
 
@@ -134,8 +147,8 @@ def test_views_through_the_stages_and_a_stale_cache_is_refused(project):
     run(["python", "stages/distill.py"], project)
 
     weights = nets.read_weights(project / "models/teacher.safetensors")  # another teacher: moved weights
-    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
-              str(project / "models/teacher.safetensors"))
+    nets.save_tensors({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+                      project / "models/teacher.safetensors")
     stale = run(["python", "stages/distill.py"], project, check=False)
     assert stale.returncode == 2
     assert "teacher_sha256" in stale.stderr and "rerun the cache_logits" in stale.stderr

@@ -1,4 +1,5 @@
-"""gaussian_images: synthetic images whose Bayes class probability p* is exact (bayeskd.synthetic)."""
+"""gaussian_images: synthetic images whose Bayes class probability p* is exact
+(bayeskd.datasets.gaussian_images)."""
 
 import json
 
@@ -9,13 +10,14 @@ import torch.nn.functional as F
 import yaml
 from scipy.stats import multivariate_normal
 
-from bayeskd import config, data, metrics, nets, synthetic
+from bayeskd import config, data, metrics, nets
+from bayeskd.datasets import gaussian_images
 from bayeskd.train import Checkpoint, TrainSet, fit, predict
 from bayeskd.validation import validate
 from conftest import ROOT, run, tiny_params
 
 
-def cfg(**kw) -> config.GaussianImages:
+def cfg(**kw) -> gaussian_images.GaussianImages:
     """The params.yaml section with small images unless told otherwise."""
     base = config.load(ROOT / "params.yaml").data.gaussian_images
     return base.model_copy(update={"n_train": 300, "n_val": 100, "n_test": 1000, "channels": 3,
@@ -24,7 +26,7 @@ def cfg(**kw) -> config.GaussianImages:
 
 @pytest.fixture(scope="module")
 def small():
-    return synthetic.make_gaussian_images(cfg(), seed=0)
+    return gaussian_images.make_gaussian_images(cfg(), seed=0)
 
 
 def test_splits_inputs_and_rows(small):
@@ -51,7 +53,7 @@ def test_log_densities_are_those_of_the_full_covariance():
     rng = np.random.default_rng(1)
     shape, d = (2, 3, 3), 3
     D = int(np.prod(shape))
-    model = synthetic.ImageModel(rng.normal(size=(D, d)), rng.normal(size=(4, 2, d)), latent_std=0.7,
+    model = gaussian_images.ImageModel(rng.normal(size=(D, d)), rng.normal(size=(4, 2, d)), latent_std=0.7,
                                  pixel_noise=0.3, shape=shape, offset=0.4)
     x, y = model.sample(50, rng)
     got = model.log_densities(x)
@@ -68,7 +70,7 @@ def test_log_densities_are_those_of_the_full_covariance():
 def test_posterior_matches_monte_carlo_over_the_latent():
     """An estimate that uses only the sampling process: p(x|y) = E_{z ~ p(z|y)} N(x; W z + b, sigma^2 I),
     averaged over draws of z, against the closed form."""
-    model, _ = synthetic.build_model(cfg(n_classes=3, channels=1, image_size=3, latent_dim=2,
+    model, _ = gaussian_images.build_model(cfg(n_classes=3, channels=1, image_size=3, latent_dim=2,
                                          modes_per_class=2, margin=0, contrast=0.3, pixel_noise=0.1), seed=4)
     rng = np.random.default_rng(0)
     x, _ = model.sample(20, rng)
@@ -94,7 +96,7 @@ def test_posterior_matches_monte_carlo_over_the_latent():
 def test_p_star_is_calibrated_on_the_stored_images():
     """On generated (rounded, stored) images, in bins of p*, the share of labels equal to the class is
     p*: calibration within sampling error. A tempered posterior fails the same check."""
-    ds = synthetic.make_gaussian_images(cfg(n_train=10, n_val=0, n_test=30_000, channels=1, n_classes=4,
+    ds = gaussian_images.make_gaussian_images(cfg(n_train=10, n_val=0, n_test=30_000, channels=1, n_classes=4,
                                             latent_dim=4, bayes_accuracy=0.7), seed=2)
     test = ds.splits["test"]
     onehot = np.eye(4)[test.y]
@@ -115,7 +117,7 @@ def test_p_star_is_calibrated_on_the_stored_images():
 
 
 def test_flip_is_a_symmetry_of_the_model(small):
-    model, _ = synthetic.build_model(cfg(), seed=0)
+    model, _ = gaussian_images.build_model(cfg(), seed=0)
     assert set(model.flip_signs()) == {-1.0, 1.0}
     x = small.splits["test"].x
     np.testing.assert_allclose(model.posterior(x[..., ::-1]), small.splits["test"].p, atol=1e-10)
@@ -125,15 +127,15 @@ def test_flip_is_a_symmetry_of_the_model(small):
 
 @pytest.mark.parametrize("target", [0.5, 0.9])
 def test_difficulty_hits_the_target_bayes_accuracy(target):
-    ds = synthetic.make_gaussian_images(cfg(n_train=10, n_val=0, n_test=20_000, channels=1,
+    ds = gaussian_images.make_gaussian_images(cfg(n_train=10, n_val=0, n_test=20_000, channels=1,
                                             bayes_accuracy=target), seed=1)
     assert abs(ds.info["bayes_accuracy"] - target) < 0.015  # sd of the estimate: 0.0035 or less
 
 
 def test_seeds_and_nested_splits():
-    a = synthetic.make_gaussian_images(cfg(n_train=2500, n_val=0), seed=5)
-    b = synthetic.make_gaussian_images(cfg(n_train=3000, n_val=0), seed=5)
-    c = synthetic.make_gaussian_images(cfg(n_train=2500, n_val=0), seed=6)
+    a = gaussian_images.make_gaussian_images(cfg(n_train=2500, n_val=0), seed=5)
+    b = gaussian_images.make_gaussian_images(cfg(n_train=3000, n_val=0), seed=5)
+    c = gaussian_images.make_gaussian_images(cfg(n_train=2500, n_val=0), seed=6)
     np.testing.assert_array_equal(a.splits["test"].x, b.splits["test"].x)  # test split independent of n_train
     np.testing.assert_array_equal(a.splits["train"].x, b.splits["train"].x[:2500])  # smaller is a prefix
     assert "val" not in a.splits and a.info == b.info
@@ -159,12 +161,12 @@ def test_bad_parameters_are_refused():
         config.with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()),
                               {"data.gaussian_images.bayes_accuracy": 0.1})
     with pytest.raises(data.DataError, match="clipped"):
-        synthetic.make_gaussian_images(cfg(contrast=0.4), seed=0)
+        gaussian_images.make_gaussian_images(cfg(contrast=0.4), seed=0)
 
 
 @pytest.fixture(scope="module")
 def large_test():
-    return synthetic.make_gaussian_images(cfg(n_train=3000, n_val=0, n_test=20_000), seed=0)
+    return gaussian_images.make_gaussian_images(cfg(n_train=3000, n_val=0, n_test=20_000), seed=0)
 
 
 @pytest.mark.parametrize("net,epochs", [("mlp_teacher", 8), ("cnn_student", 6)])

@@ -1,5 +1,8 @@
 import json
+import signal
 import socket
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -7,7 +10,7 @@ import torch
 import yaml
 
 from bayeskd import export, nets, tracking
-from conftest import run, wait_for_queue
+from conftest import ROOT, run, wait_for_queue
 
 
 def free_port() -> int:
@@ -58,22 +61,23 @@ def test_one_run_with_curves_metrics_artifacts_and_a_tagged_model(repo, monkeypa
     write_curve(repo / "dvclive/teacher", "train/loss", [1.0, 0.5, 1 / 3])
     write_curve(repo / "dvclive/teacher", "lr", [0.1, 0.1, 0.01])
     example = student_onnx(repo / "student.onnx")
-    with tracking.mlflow_run() as r:
+    with tracking.mlflow_run(final=True) as r:
         assert r.register_onnx("student.onnx", example, {"student": {"accuracy": 0.5}}) == "1"
         r.log_metrics({"teacher": {"accuracy": 0.6}})
-        r.log_curves(repo / "dvclive/teacher", "teacher")
+        assert r.log_restored_curves({"teacher": repo / "dvclive/teacher"}) == ["teacher"]
         r.log_artifacts("reports")
         first = r.run_id
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    assert experiment.tags[tracking.KIND_TAG] == "custom_model_development"  # not the GenAI view
+    assert experiment.tags[tracking.KIND_TAG] == "custom_model_development"  # for UIs that read it
     got = client.get_run(first)
     assert got.info.status == "FINISHED"
     assert got.data.params["teacher.loss"] == "mse" and got.data.params["seed"] == "0"
     commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert got.data.tags["git.commit"] == commit
     assert got.data.tags["dvc.experiment"] == "" and "data.hash" in got.data.tags
+    assert got.data.tags["git.branch"] == "main"
     assert got.info.run_name == f"main@{commit[:7]}"  # experiments are named by DVC
     assert got.data.metrics == {"student.accuracy": 0.5, "teacher.accuracy": 0.6,
                                 "teacher/train/loss": pytest.approx(1 / 3), "teacher/lr": 0.01}
@@ -92,40 +96,130 @@ def test_one_run_with_curves_metrics_artifacts_and_a_tagged_model(repo, monkeypa
     signature = mlflow.models.get_model_info(version.source).signature
     assert [s.name for s in signature.inputs.inputs] == ["input"]
     assert [(s.name, s.shape) for s in signature.outputs.inputs] == [("logits", (-1, 3))]
-    assert client.get_registered_model(tracking.MODEL_NAME).aliases == {tracking.MAIN_ALIAS: 1}
+    assert client.get_registered_model(tracking.MODEL_NAME).aliases == {"main": 1}
+    assert not (repo / tracking.RUN_FILE).exists()  # the last stage: the next execution starts anew
 
 
-def test_main_alias_follows_branch_main_and_its_tip_not_overrides(repo, monkeypatch):
+def test_only_runs_of_main_register_and_move_its_alias(repo, monkeypatch):
     example = student_onnx(repo / "student.onnx")
     client = mlflow.MlflowClient(tracking.tracking_uri())
 
     def register():
-        with tracking.mlflow_run() as r:
+        with tracking.mlflow_run(final=True) as r:
             return r.register_onnx("student.onnx", example, {})
 
-    def alias():
-        return client.get_registered_model(tracking.MODEL_NAME).aliases[tracking.MAIN_ALIAS]
+    def alias(name="main"):
+        return client.get_registered_model(tracking.MODEL_NAME).aliases.get(name)
 
     assert register() == "1" and alias() == 1  # `dvc repro` on main
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-mse")  # an experiment with an override
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-mse")  # an experiment with an override: logged, not registered
     (repo / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "teacher": {"loss": "ce"}}))
-    assert register() == "2" and alias() == 1
+    assert register() is None and alias() == 1
+    logged = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id],
+                                filter_string="tags.`dvc.experiment` = 'exp-mse'")
+    assert len(logged) == 1 and client.search_logged_models(
+        [logged[0].info.experiment_id])  # its ONNX model is logged with the run
 
     # the nightly flow: an experiment on a detached checkout of main's tip, committed parameters
     git_commit(repo, paths=["params.yaml"])
     run(["git", "checkout", "-q", "--detach"], repo)
     monkeypatch.setenv("DVC_EXP_NAME", "nightly")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", run(["git", "rev-parse", "HEAD"], repo).stdout.strip())
-    assert register() == "3" and alias() == 3
+    assert register() == "2" and alias() == 2
+    nightly = client.get_run(client.get_model_version(tracking.MODEL_NAME, "2").run_id)
+    assert nightly.data.tags["git.branch"] == "main"  # the experiment's branch, not `HEAD`
     (repo / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "teacher": {"loss": "ce"}}))
-    assert register() == "4" and alias() == 3  # the weekly comparison's seed 1: an override
+    assert register() is None and alias() == 2  # the weekly comparison's seed 1: an override
+
+    # another register branch, with an alias of its name
+    git_commit(repo, paths=["params.yaml"])
+    monkeypatch.setenv("BAYESKD_REGISTER_BRANCH", "release/1")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", run(["git", "rev-parse", "HEAD"], repo).stdout.strip())
+    assert register() is None  # main's tip is no longer a run of the register branch
+    run(["git", "branch", "release/1"], repo)
+    assert register() == "3" and alias("release-1") == 3 and alias() == 2
+
+
+def test_one_run_across_the_stages_of_an_execution_with_live_curves(repo):
+    """Stages of one execution (one DVC process; here this test's process) share one run: the first
+    training stage starts it, each epoch is in it as soon as it ends, the next stage resumes it
+    (a retried stage does not log its epochs twice), the last one closes it."""
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    with tracking.mlflow_run() as teacher:
+        teacher.log_epoch("teacher", 0, {"train/loss": 1.0, "lr": 0.1})
+        live = client.get_run(teacher.run_id)
+        assert live.info.status == "RUNNING" and live.data.metrics == {"teacher/train/loss": 1.0,
+                                                                        "teacher/lr": 0.1}
+        teacher.log_epoch("teacher", 1, {"train/loss": 0.5, "lr": 0.1})
+    assert client.get_run(teacher.run_id).info.status == "FINISHED"
+    with tracking.mlflow_run() as retried:  # the same stage again (a retry): the same run
+        for epoch, loss in enumerate((1.0, 0.5, 0.25)):
+            retried.log_epoch("teacher", epoch, {"train/loss": loss, "lr": 0.1})
+    history = client.get_metric_history(teacher.run_id, "teacher/train/loss")
+    assert retried.run_id == teacher.run_id
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    with tracking.mlflow_run(final=True) as last:
+        assert last.run_id == teacher.run_id
+        assert last.log_restored_curves({"teacher": "dvclive/teacher"}) == []  # it trained here
+    assert client.get_run(teacher.run_id).info.status == "FINISHED"
+    with tracking.mlflow_run(final=True) as fresh:
+        assert fresh.run_id != teacher.run_id
+
+
+def test_a_run_that_does_not_complete_ends_failed_or_killed(repo):
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    with pytest.raises(RuntimeError), tracking.mlflow_run(final=True) as failed:
+        raise RuntimeError("the stage's own error")
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    with pytest.raises(KeyboardInterrupt), tracking.mlflow_run(final=True) as stopped:
+        raise KeyboardInterrupt
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+
+    with tracking.mlflow_run() as trained:  # a training stage ends; a later, untracked stage fails
+        pass
+    tracking.end_execution("FAILED")
+    assert client.get_run(trained.run_id).info.status == "FAILED"
+
+    # an execution killed outright (SIGKILL) leaves its run RUNNING: the next one here ends it
+    left = client.create_run(client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id)
+    (repo / tracking.RUN_FILE).write_text(json.dumps({"run_id": left.info.run_id, "execution": "dvc-1-0.0",
+                                                      "tracking_uri": tracking.tracking_uri()}))
+    with tracking.mlflow_run(final=True) as later:
+        assert later.run_id != left.info.run_id
+    assert client.get_run(left.info.run_id).info.status == "KILLED"
+
+
+def test_a_stage_stopped_by_sigterm_marks_its_run_killed(repo):
+    """What a cancelled flow run or a stopped container sends: the stage marks the execution's run
+    KILLED, then ends by the signal, as it would have (Prefect retries stages killed by signals)."""
+    script = repo / "stopped.py"
+    script.write_text(f"""import sys, time
+sys.path.insert(0, {str(ROOT / "stages")!r})
+from common import stage
+from bayeskd import tracking
+
+def main():
+    with tracking.mlflow_run():
+        print("training", flush=True)
+        time.sleep(120)
+
+stage(main)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "training\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    found = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    assert [r.info.status for r in found] == ["KILLED"]
 
 
 def test_unreachable_server_warns_once_and_loses_nothing(repo, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with tracking.mlflow_run() as r:
+        r.log_epoch("teacher", 0, {"train/loss": 1.0})
         r.log_metrics({"a": 1.0})
-        r.log_curves(repo / "dvclive/teacher", "teacher")
+        r.log_restored_curves({"teacher": repo / "dvclive/teacher"})
     assert not r.active
     assert capsys.readouterr().err.count("warning: MLflow tracking off") == 1
 
@@ -138,36 +232,46 @@ def runs_of(project):
 
 
 def assert_complete(client, runs, epochs):
-    """Each run has the test metrics, the curves of every epoch (1..epochs), and its model."""
+    """Each run has the test metrics, the curves of every epoch (1..epochs), and its logged model."""
     for r in runs:
-        assert r.info.status == "FINISHED"
+        assert r.info.status == "FINISHED" and r.data.tags["git.branch"] == "main"
         assert {"teacher.accuracy", "student.accuracy", "agreement"} <= set(r.data.metrics)
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "student/val/acc")]
-        assert steps == list(range(1, epochs + 1))
-        versions = client.search_model_versions(f"run_id = '{r.info.run_id}'")
-        assert len(versions) == 1, f"run {r.info.run_name} has {len(versions)} model versions"
+        for role in ("teacher", "student"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, f"{role}/val/acc")]
+            assert steps == list(range(1, epochs[role] + 1))
+        assert client.search_logged_models([r.info.experiment_id],
+                                           filter_string=f"source_run_id = '{r.info.run_id}'")
+
+
+def registered(client, run):
+    return [int(v.version) for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
 
 
 @pytest.mark.slow
-def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
-    """One complete MLflow run per execution of the pipeline's last stage, also where DVC restored the
-    training stages from its run cache; nothing where it does not run (a rerun that reproduces the
-    same student)."""
+def test_every_execution_logs_one_run_complete_or_of_what_it_trained(built, monkeypatch):
+    """One MLflow run per execution of the pipeline: complete where the last stage runs, also where
+    DVC restored the training stages from its run cache (and the run says so); with the curves of
+    what it retrained where the last stage has nothing to do. Only runs of main register a model."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
-    epochs = yaml.safe_load((project / "params.yaml").read_text())["student"]["optim"]["epochs"]
-    run(["dvc", "repro"], project)
+    project = built  # `dvc repro` ran on main and was committed ("ce baseline")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    epochs = {role: params[role]["optim"]["epochs"] for role in ("teacher", "student")}
     client, logged = runs_of(project)
     assert len(logged) == 1
     assert_complete(client, logged, epochs)
-    assert client.get_registered_model(tracking.MODEL_NAME).aliases == {tracking.MAIN_ALIAS: 1}
-    git_commit(project, "ce baseline")
+    assert registered(client, logged[0]) == [1]
+    assert client.get_registered_model(tracking.MODEL_NAME).aliases == {"main": 1}
+    assert not (project / tracking.RUN_FILE).exists()
 
     run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
-    assert len(runs_of(project)[1]) == 2
+    client, logged = runs_of(project)
+    mse = next(r for r in logged if r.data.params["teacher.loss"] == "mse")
+    assert len(logged) == 2 and registered(client, mse) == []  # an override: not a run of main
 
     # the CE baseline again, queued (run in a temporary copy of the workspace, whose dvc.lock is the
     # MSE variant's): DVC restores the teacher and the student from its run cache; the stages with
-    # persistent outputs or outputs in git run again, the last one too: one more run, complete
+    # persistent outputs or outputs in git run again, the last one too: one more run, complete, that
+    # says where its models come from; main's own configuration at main's tip, so it registers
     run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce"], project)
     run(["dvc", "queue", "start"], project)
     task = wait_for_queue(project, 300).splitlines()[1].split()
@@ -179,16 +283,23 @@ def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     client, logged = runs_of(project)
     assert len(logged) == 3
     assert_complete(client, logged, epochs)
+    restored = next(r for r in logged if r.data.tags.get(tracking.RESTORED_TAG))
+    assert restored.data.tags[tracking.RESTORED_TAG] == "teacher,student"
+    assert "Not trained in this execution" in restored.data.tags["mlflow.note.content"]
+    assert registered(client, restored) == [2]
 
-    # a change of the training code that does not change the results: the teacher is retrained,
-    # bit for bit the same, and the last stage does not run
+    # a change of the training code that does not change the results: teacher and student are
+    # retrained, bit for bit the same, live in a run of their own, and the last stage does not run
     losses = project / "src/bayeskd/losses.py"
     losses.write_text(losses.read_text() + "\n# a comment\n")
     assert "Running stage 'train_teacher'" in run(["dvc", "repro"], project).stdout
     client, logged = runs_of(project)
-    assert len(logged) == 3
-    assert_complete(client, logged, epochs)
-    assert {r.data.params["teacher.loss"] for r in logged} == {"ce", "mse"}
+    assert len(logged) == 4
+    retrained = max(logged, key=lambda r: r.info.start_time)
+    assert retrained.info.status == "FINISHED" and "student.accuracy" not in retrained.data.metrics
+    assert [m.step for m in client.get_metric_history(retrained.info.run_id, "student/val/acc")] == [
+        *range(1, epochs["student"] + 1)]
+    assert registered(client, retrained) == []
 
     # tracking that fails costs no output: the last stage still writes them and succeeds
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
@@ -196,4 +307,4 @@ def test_every_execution_logs_one_complete_run_or_none(project, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert "MLflow tracking off" in result.stderr + result.stdout
     assert json.loads((project / "reports/export.json").read_text())["student"]["max_abs_diff"] <= 1e-4
-    assert len(runs_of(project)[1]) == 3
+    assert len(runs_of(project)[1]) == 4

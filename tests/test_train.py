@@ -105,6 +105,7 @@ def test_a_methods_own_parts_train_and_resume_bit_for_bit(tmp_path):
     assert not torch.equal(fresh["embed_s.weight"], whole[1]["embed_s.weight"])  # the embedding trained
 
 
+@pytest.mark.slow  # inductor's first compile takes a minute on 2 cores
 def test_compiled_training_matches_eager(tmp_path):
     cfg = CFG.model_copy(update={"epochs": 2})
     results = []
@@ -135,3 +136,20 @@ def test_bf16_autocast_and_channels_last_run_on_the_cpu_behind_the_gpu_switches(
         results.append(history[-1]["train/loss"])
     assert results[0] != results[1]  # bf16 did run
     assert results[1] == pytest.approx(results[0], rel=0.05)
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_moved_aside(tmp_path, capsys):
+    """torch.load checks no checksum: a flipped byte in a tensor loads as another value. The
+    checkpoint's own sha256 catches it, and training starts afresh instead of resuming from it."""
+    weights = torch.arange(1000, dtype=torch.float32)
+    state = {"model": {"w": weights}, "extra": {}, "optimizer": {}, "rng": {}, "history": [{"acc": 0.5}]}
+    Checkpoint(tmp_path / "ck.pt", "a").save(**state)
+    assert torch.equal(Checkpoint(tmp_path / "ck.pt", "a").load()["model"]["w"], weights)
+    raw = bytearray((tmp_path / "ck.pt").read_bytes())
+    at = bytes(raw).find(weights[500:502].numpy().tobytes())
+    raw[at + 2] ^= 0x40  # 500.0 becomes another number; the zip file stays readable
+    (tmp_path / "ck.pt").write_bytes(raw)
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["model"]["w"][500] != 500
+    assert Checkpoint(tmp_path / "ck.pt", "a").load() is None
+    assert (tmp_path / "ck.pt.unreadable").exists() and not (tmp_path / "ck.pt").exists()
+    assert "is unreadable" in capsys.readouterr().out

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from bayeskd import nets
 from bayeskd.taps import features
-from bayeskd.zoo import ZOO
+from bayeskd.zoo import NETS
 
 PARAMS_AT_100_CLASSES = {
     "resnet8": 83_892,
@@ -38,11 +39,12 @@ NAMES = list(PARAMS_AT_100_CLASSES)
 
 def build(name: str, num_classes: int = 100) -> nn.Module:
     torch.manual_seed(0)
-    return ZOO[name](num_classes, (3, 32, 32)).eval()
+    return NETS[name].build(num_classes, (3, 32, 32)).eval()
 
 
 def test_zoo_has_exactly_the_listed_nets():
-    assert sorted(ZOO) == sorted(NAMES)
+    zoo = [name for name, declared in NETS.items() if declared.impl.__module__ != "bayeskd.zoo.embedded"]
+    assert sorted(zoo) == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -86,8 +88,29 @@ def test_stage_outputs_have_the_reference_shapes_and_taps_leave_no_hooks(name):
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("name", list(NETS))
+def test_every_net_keeps_the_zoo_convention(name):
+    """bayeskd.zoo's docstring: forward returns the logits only; the taps are the stage outputs,
+    shallow to deep, and the pre-logit vector, the input of the final linear layer; global pooling is
+    a mean (no AdaptiveAvgPool2d)."""
+    torch.manual_seed(0)
+    model = nets.build(name, 10, (3, 32, 32)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        f = features(model, x)
+        last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        torch.testing.assert_close(last_linear(f.pooled), out, rtol=1e-5, atol=1e-5)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+    assert f.pooled.shape == (2, last_linear.in_features)
+    assert all(s.dim() == 4 for s in f.stages)
+    sides = [s.shape[-1] for s in f.stages]
+    assert sides == sorted(sides, reverse=True)
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+
+
 def test_vgg_pools_before_its_last_block_on_64_pixel_inputs_only():
-    big = ZOO["vgg8"](10, (3, 64, 64)).eval()
+    big = NETS["vgg8"].build(10, (3, 64, 64)).eval()
     with torch.no_grad():
         f = features(big, torch.randn(2, 3, 64, 64))
     assert [s.shape[-1] for s in f.stages] == [64, 32, 16, 8, 4]
@@ -97,7 +120,7 @@ def test_vgg_pools_before_its_last_block_on_64_pixel_inputs_only():
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV2"])
 def test_bad_input_shape_is_rejected(name, in_shape):
     with pytest.raises(ValueError, match=rf"{name}.*{re.escape(str(in_shape))}"):
-        ZOO[name](10, in_shape)
+        nets.build(name, 10, in_shape)
 
 
 def with_batch_statistics(model: nn.Module) -> nn.Module:

@@ -40,13 +40,15 @@ class CropFlip:
         return offset // self.side, offset % self.side, flip.bool()
 
     def apply(self, x: Tensor, views: Tensor) -> Tensor:
-        """Views of a batch: x (B, C, H, W), views (B,) integers in [0, num_views)."""
-        if views.min() < 0 or views.max() >= self.num_views:
-            raise ValueError(f"views must lie in [0, {self.num_views}); got {views.min()}..{views.max()}")
+        """Views of a batch: x (B, C, H, W), views (B,) integers in [0, num_views). The range is
+        checked without a wait for the device: at once on the CPU, by the device on a GPU."""
+        views = views.to(x.device)
+        torch._assert_async(((views >= 0) & (views < self.num_views)).all(),
+                            f"views must lie in [0, {self.num_views})")
         b, _, h, w = x.shape
         p = self.padding
         padded = F.pad(x, (p, p, p, p))
-        top, left, flip = self.decode(views.to(x.device))
+        top, left, flip = self.decode(views)
         rows = top[:, None] + torch.arange(h, device=x.device)  # (B, H)
         cols = torch.arange(w, device=x.device).expand(b, w)
         cols = left[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # flip folds into columns

@@ -1,5 +1,7 @@
-"""The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits) and
-`diff` (the Markdown that the pull-request workflow posts)."""
+"""The `bayeskd` command: `compare` (CE vs MSE teachers across experiments and commits), `diff` (the
+Markdown that the pull-request workflow posts), `preset` (a preset as `dvc exp run` overrides),
+`params` (the methods' sections of params.yaml from their declarations) and `verify` (every output
+against dvc.lock, its own digest and the DVC cache)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bayeskd import config, report
+from bayeskd import config, defaults, integrity, report
 from bayeskd.io import write_text
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
@@ -16,11 +18,13 @@ MARKER = "<!-- bayeskd-metrics-diff -->"
 
 def compare(args: argparse.Namespace) -> str:
     if args.runs:
-        if args.revs or args.all_commits or args.save_runs:
-            raise config.ParamsError("--runs reads an archive: it takes no revisions, --all-commits or "
-                                     "--save-runs")
+        if args.revs or args.all_commits or args.save_runs or args.remote:
+            raise config.ParamsError("--runs reads an archive: it takes no revisions, --all-commits, "
+                                     "--save-runs or --remote")
         runs = report.read_runs(args.runs)
     else:
+        if args.remote:
+            report.pull_experiments(args.remote, args.repo, tuple(args.revs), args.all_commits)
         runs = report.collect(args.repo, tuple(args.revs), args.all_commits)
     if args.experiments:
         runs = [r for r in runs if r.origin.startswith("experiments of ")]
@@ -48,15 +52,46 @@ def preset(args: argparse.Namespace) -> str:
     if not path.is_file():
         raise config.ParamsError(f"{path} not found: run in the project, or pass --repo")
     if args.list:
-        return "".join(f"{name}: {p['data.name']}, {p['teacher.net']} -> {p['student.net']}\n"
+        return "".join(f"{name}: {p.get('data.name')}, {p.get('teacher.net')} -> {p.get('student.net')}\n"
                        for name, p in config.presets_in(path).items())
     if not args.name:
         raise config.ParamsError("name a preset, or list them with `bayeskd preset --list`")
     return " ".join(config.preset_args(args.name, path)) + "\n"
 
 
+def params(args: argparse.Namespace) -> str:
+    path = Path(args.repo) / config.PARAMS_FILE
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise config.ParamsError(f"cannot read {path}: {e.strerror or e}") from None
+    synced = defaults.sync(text)
+    if not args.sync:
+        return synced
+    if synced == text:
+        return f"{path}: every section holds what the declarations give\n"
+
+    write_text(path, synced)
+    return f"{path}: the methods' and datasets' sections now hold what the declarations give\n"
+
+
+def verify(args: argparse.Namespace) -> str:
+    """One line per bad output file (what is wrong, the command that restores it), then one error."""
+    try:
+        problems, checked = integrity.verify(args.repo)
+    except ValueError as e:  # no or a damaged dvc.lock, no DVC project
+        raise RuntimeError(str(e)) from None
+    if problems:
+        print("\n".join(problems))
+        raise RuntimeError(f"{len(problems)} of the {checked} output files or their copies in the DVC cache "
+                           "are bad (listed above)")
+    return f"{checked} output files match dvc.lock and their own digests; the DVC cache's copies are intact\n"
+
+
 def diff(args: argparse.Namespace) -> str:
     revs = [args.a_rev] + ([args.b_rev] if args.b_rev else [])
+    if args.remote:
+        report.pull_experiments(args.remote, args.repo, tuple(revs))
     b = f"`{args.b_rev}`" if args.b_rev else "the workspace"
     params = _table(report.dvc("params", "diff", *revs, "--md", repo=args.repo))
     metrics = _table(report.dvc("metrics", "diff", *revs, "--md", repo=args.repo))
@@ -93,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--runs", metavar="CSV", help="read the runs from such an archive instead of DVC")
     c.add_argument("--plot", metavar="DIR", help="also write DIR/student_vs_teacher.png, "
                    "DIR/gain_vs_gap.png and DIR/points.csv")
+    c.add_argument("--remote", metavar="GIT_REMOTE", help="first fetch the experiments of these "
+                   "revisions from a git remote, e.g. origin (`dvc exp pull`)")
     c.set_defaults(run=compare)
 
     p = sub.add_parser("preset", help="print `dvc exp run` overrides (-S key=value ...) of a preset "
@@ -101,10 +138,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--list", action="store_true", help="list the presets")
     p.set_defaults(run=preset)
 
+    s = sub.add_parser("params", help="params.yaml with each student.<method> section set to the method's "
+                       "declared defaults and missing dataset sections added (the rest unchanged)")
+    s.add_argument("--sync", action="store_true", help="write it to params.yaml instead of printing it")
+    s.set_defaults(run=params)
+
+    v = sub.add_parser("verify", help="check every output in the workspace against dvc.lock and its own "
+                       "digest, and the DVC cache's copies; name each bad file and the command that "
+                       "restores it (exit code 1)")
+    v.set_defaults(run=verify)
+
     d = sub.add_parser("diff", help="Markdown: params and metrics diff plus the comparison table, "
                        "as posted on pull requests")
     d.add_argument("a_rev", help="the base revision, e.g. main")
     d.add_argument("b_rev", nargs="?", help="the new revision (default: the workspace)")
+    d.add_argument("--remote", metavar="GIT_REMOTE", help="first fetch the experiments of both "
+                   "revisions from a git remote, e.g. origin (`dvc exp pull`)")
     d.set_defaults(run=diff)
 
     args = parser.parse_args(argv)

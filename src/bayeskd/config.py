@@ -1,13 +1,15 @@
 """The typed schema of params.yaml: every stage validates the whole file before doing any work.
 
-It is also the one list of the names params.yaml may use (datasets, nets, teacher losses,
-distillation methods with their hyperparameters), so params validate without importing torch; the
-registries that implement the names (bayeskd.data, bayeskd.nets, bayeskd.losses, bayeskd.distill)
-are keyed by these lists and checked against them when imported.
+The names params.yaml may use and the sections they bring come from their declarations: the
+datasets (bayeskd.datasets, imported: they import no torch) with their `data.<key>` sections, and
+the nets and distillation methods with their hyperparameters (bayeskd.zoo, bayeskd.methods), read
+from the source with `declare.scan`, so params validate without importing torch. Teacher losses are
+listed here (bayeskd.losses checks its registry against the list).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterable
@@ -17,7 +19,6 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     create_model,
@@ -25,23 +26,26 @@ from pydantic import (
     model_validator,
 )
 
-PARAMS_FILE = "params.yaml"
+from bayeskd import declare
+from bayeskd.datasets import DATASETS
+from bayeskd.declare import PositiveInt, Section, bounded
 
-DATASETS = ("gaussian", "gaussian_images", "digits", "cifar10", "cifar100", "imagefolder")
+PARAMS_FILE = "params.yaml"
+PACKAGE = Path(__file__).parent
+VALIDATED_FILE = "reports/params.validated.json"  # check_params' digest of the params.yaml it validated
+
 TEACHER_LOSSES = ("ce", "mse", "ls", "ce_ts")
 # trained with CE, then temperature-scaled on the validation split (bayeskd.calibration)
 TEMPERATURE_SCALED = ("ce_ts",)
-EMBEDDED_NETS = ("mlp_teacher", "mlp_student", "cnn_teacher", "cnn_student")
-ZOO_NETS = (  # the standard CIFAR knowledge-distillation zoo (bayeskd.zoo)
-    *(f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)), "resnet8x4", "resnet32x4", "ResNet18", "ResNet50",
-    *(f"wrn_{d}_{w}" for d in (16, 40) for w in (1, 2)), *(f"vgg{d}" for d in (8, 11, 13, 16, 19)),
-    "MobileNetV2", "ShuffleV1", "ShuffleV2",
-)
-NETS = EMBEDDED_NETS + ZOO_NETS
+DEVICES = ("auto", "cpu", "cuda")  # compute.device (bayeskd.placement)
+NETS: dict[str, declare.NetDecl] = declare.scan(PACKAGE / "zoo", declare.net)
+METHODS: dict[str, declare.MethodDecl] = declare.scan(PACKAGE / "methods", declare.method)
 
-Fraction = Annotated[float, Field(gt=0, lt=1)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NetName = Literal[NETS]
+NetName = Literal[tuple(NETS)]
+
+
+Epochs = bounded(1, 10_000, "more is taken for a typo (the CIFAR recipe trains 240 epochs)")
+BatchSize = bounded(1, 65_536, "more is taken for a typo (the CIFAR recipe uses 64)")
 
 
 def check_registry(kind: str, names: Iterable[str], implemented: Iterable[str]) -> None:
@@ -51,72 +55,6 @@ def check_registry(kind: str, names: Iterable[str], implemented: Iterable[str]) 
                            f"lists {sorted(names)}")
 
 
-class Section(BaseModel):
-    # strict types; floats must be finite (an infinite learning rate is a typo, not a setting)
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
-
-
-class Gaussian(Section):
-    n_samples: PositiveInt
-    n_classes: Annotated[int, Field(ge=2)]
-    dim: PositiveInt
-    noise_var: Annotated[float, Field(gt=0)]
-    train_fraction: Fraction
-    val_fraction: Fraction
-
-    @model_validator(mode="after")
-    def _test_split_left(self) -> Gaussian:
-        if self.train_fraction + self.val_fraction >= 1:
-            raise ValueError(
-                f"train_fraction + val_fraction = {self.train_fraction + self.val_fraction}: "
-                "must be below 1 so that a test split remains"
-            )
-        return self
-
-
-class GaussianImages(Section):
-    """Synthetic CIFAR-format images with exact p* (bayeskd.synthetic): a latent Gaussian mixture per
-    class, a smooth random linear decoder and isotropic pixel noise."""
-
-    n_train: PositiveInt
-    n_val: Annotated[int, Field(ge=0)]  # 0: no validation split
-    n_test: PositiveInt
-    n_classes: Annotated[int, Field(ge=2)]
-    channels: PositiveInt
-    image_size: PositiveInt
-    latent_dim: PositiveInt
-    modes_per_class: PositiveInt
-    bayes_accuracy: Fraction  # the target; the latent spread is calibrated to it
-    smoothness: Annotated[float, Field(ge=0)]  # blur std of the decoder's fields, in pixels
-    margin: Annotated[int, Field(ge=0)]  # the fields are 0 this close to the border
-    contrast: Annotated[float, Field(gt=0, lt=0.5)]  # largest RMS deviation of a noise-free pixel from 0.5
-    pixel_noise: Annotated[float, Field(gt=0)]
-
-    @model_validator(mode="after")
-    def _feasible(self) -> GaussianImages:
-        if self.bayes_accuracy <= 1 / self.n_classes:
-            raise ValueError(f"bayes_accuracy = {self.bayes_accuracy}: must be above chance, "
-                             f"1/n_classes = {1 / self.n_classes:.4g}")
-        if 2 * self.margin + 1 >= self.image_size:
-            raise ValueError(f"margin = {self.margin} leaves no pixels of a {self.image_size}-pixel image "
-                             "to the decoder's fields; use less than (image_size - 1) / 2")
-        return self
-
-
-class Digits(Section):
-    val_fraction: Fraction
-    test_fraction: Fraction
-
-    @model_validator(mode="after")
-    def _train_split_left(self) -> Digits:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction}: "
-                "must be below 1 so that a training split remains"
-            )
-        return self
-
-
 class Augment(Section):
     """Training views: random crop with `padding` pixels of zero padding, and horizontal flip.
     0 trains on the inputs as they are (one view)."""
@@ -124,24 +62,19 @@ class Augment(Section):
     padding: Annotated[int, Field(ge=0, le=16)]
 
 
-class Images(Section):
-    """Datasets read from disk through torchvision: cifar10, cifar100 (the "python version" files
-    under `root`) and imagefolder (`root/train/<class>/*`, `root/test/<class>/*`)."""
+def _sections() -> dict[str, type[Section]]:
+    """data.<key> of every dataset, by key; datasets that share a key share its section."""
+    sections: dict[str, type[Section]] = {}
+    for name, declared in DATASETS.items():
+        if sections.setdefault(declared.key, declared.section) is not declared.section:
+            raise RuntimeError(f"dataset {name!r} declares data.{declared.key} as "
+                               f"{declared.section.__name__}, another dataset as "
+                               f"{sections[declared.key].__name__}")
+    return sections
 
-    root: str
-    download: bool  # cifar only: fetch the files into root when they are missing
-    val_fraction: Annotated[float, Field(ge=0, lt=1)]  # held out of train, stratified; 0: none
-    image_size: PositiveInt  # imagefolder: images are resized to image_size x image_size
 
-
-class Data(Section):
-    name: Literal[DATASETS]
-    seed: Annotated[int, Field(ge=0)]
-    gaussian: Gaussian
-    gaussian_images: GaussianImages
-    digits: Digits
-    images: Images
-    augment: Augment
+class _DataChecks(Section):
+    """The checks of `Data` that ask the dataset's declaration."""
 
     def no_validation_split(self) -> str | None:
         """The key and value that leave this dataset without a validation split; None if it has one."""
@@ -152,18 +85,26 @@ class Data(Section):
         return None  # gaussian and digits always hold one out
 
     @model_validator(mode="after")
-    def _views_need_images(self) -> Data:
-        if self.name == "gaussian" and self.augment.padding > 0:
-            raise ValueError(f"augment.padding = {self.augment.padding}: the gaussian dataset has no "
+    def _views_need_images(self) -> _DataChecks:
+        if not DATASETS[self.name].images and self.augment.padding > 0:
+            raise ValueError(f"augment.padding = {self.augment.padding}: the {self.name} dataset has no "
                              "images to crop; use 0")
         return self
+
+
+# data: the dataset's name, the data seed, one section per dataset (data.<key>) and augment
+Data = create_model(
+    "Data", __base__=_DataChecks, name=(Literal[tuple(DATASETS)], ...),
+    seed=(Annotated[int, Field(ge=0)], ...), **{key: (section, ...) for key, section in _sections().items()},
+    augment=(Augment, ...),
+)
 
 
 class Optim(Section):
     """SGD with momentum and a step schedule: lr is multiplied by gamma after each milestone epoch."""
 
-    epochs: PositiveInt
-    batch_size: PositiveInt
+    epochs: Epochs
+    batch_size: BatchSize
     lr: Annotated[float, Field(gt=0)]
     momentum: Annotated[float, Field(ge=0, lt=1)]
     weight_decay: Annotated[float, Field(ge=0)]
@@ -177,6 +118,15 @@ class Optim(Section):
             raise ValueError(f"{v}: milestones must be strictly increasing")
         return v
 
+    @model_validator(mode="after")
+    def _milestones_within_the_epochs(self) -> Optim:
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ValueError(f"milestones = {self.milestones}: {', '.join(map(str, late))} not within the "
+                             f"{self.epochs} epochs; a milestone lies in 1..{self.epochs - 1} (the rate "
+                             f"falls after that many epochs, so at {self.epochs} or later it never falls)")
+        return self
+
 
 class Teacher(Section):
     net: NetName
@@ -185,128 +135,21 @@ class Teacher(Section):
     optim: Optim
 
 
-# Each distillation method's hyperparameters with their defaults: params.yaml holds them under
-# `student.<method>`, and the method (bayeskd.distill, bayeskd.feature) takes them as its keyword-only
-# arguments.
-Weight = Annotated[float, Field(ge=0)]
-Positive = Annotated[float, Field(gt=0)]
-
-
-class Hparams(Section):
-    """A method without hyperparameters (`none`); the base of those with some."""
-
-
-class KD(Hparams):
-    temperature: Positive = 4.0
-    ce_weight: Weight = 0.1
-    kd_weight: Weight = 0.9
-
-
-class DKD(Hparams):
-    temperature: Positive = 4.0
-    ce_weight: Weight = 1.0
-    alpha: Weight = 1.0
-    beta: Weight = 8.0
-    warmup: PositiveInt = 20
-
-
-class DIST(Hparams):
-    tau: Positive = 4.0
-    ce_weight: Weight = 1.0
-    beta: Weight = 2.0
-    gamma: Weight = 2.0
-
-
-class LSKD(KD):
-    temperature: Positive = 2.0
-    ce_weight: Weight = 0.1
-    kd_weight: Weight = 9.0
-
-
-class LSDKD(DKD):
-    temperature: Positive = 2.0
-    ce_weight: Weight = 1.0
-    alpha: Weight = 9.0
-    beta: Weight = 72.0
-    warmup: PositiveInt = 20
-
-
-class FeatureHparams(Hparams):
-    weight: Weight
-    ce_weight: Weight = 1.0
-
-
-class FitNet(FeatureHparams):
-    weight: Weight = 100.0
-
-
-class AT(FeatureHparams):
-    weight: Weight = 1000.0
-    p: Positive = 2.0
-
-
-class SP(FeatureHparams):
-    weight: Weight = 3000.0
-
-
-class CC(FeatureHparams):
-    weight: Weight = 0.02
-    embed_dim: PositiveInt = 128
-
-
-class VID(FeatureHparams):
-    weight: Weight = 1.0
-    init_pred_var: Positive = 5.0
-    eps: Positive = 1e-5
-
-
-class RKD(FeatureHparams):
-    weight: Weight = 1.0
-    distance_weight: Weight = 25.0
-    angle_weight: Weight = 50.0
-
-
-class PKT(FeatureHparams):
-    weight: Weight = 30000.0
-    eps: Positive = 1e-7
-
-
-class CRD(FeatureHparams):
-    weight: Weight = 0.8
-    feat_dim: PositiveInt = 128
-    nce_k: PositiveInt = 16384
-    nce_t: Positive = 0.07
-    nce_m: Annotated[float, Field(ge=0, le=1)] = 0.5
-
-
-class ReviewKD(FeatureHparams):
-    weight: Weight = 1.0
-    warmup: PositiveInt = 20
-    max_mid_channels: PositiveInt = 512
-
-
-class HSAKD(FeatureHparams):
-    weight: Weight = 1.0
-    joint_weight: Weight = 1.0
-    teacher_weight: Weight = 1.0
-    temperature: Positive = 3.0
-
-
-METHODS: dict[str, type[Hparams]] = {
-    "none": Hparams, "kd": KD, "dkd": DKD, "dist": DIST, "lskd": LSKD, "lsdkd": LSDKD,
-    "fitnet": FitNet, "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT, "crd": CRD,
-    "reviewkd": ReviewKD, "hsakd": HSAKD,
-}
+def _hparams_section(declared: declare.MethodDecl) -> type[Section]:
+    """student.<method>: the method's hyperparameters, each defaulting to its declared default."""
+    return create_model(declared.name, __base__=Section,
+                        **{key: (spec.annotation(), spec.default) for key, spec in declared.hparams.items()})
 
 
 def hparams(method: str) -> dict[str, float | int]:
     """Method `method`'s hyperparameters and their defaults."""
-    return METHODS[method]().model_dump()
+    return METHODS[method].defaults()
 
 
 # student.<method> for every method with hyperparameters, each defaulting to the method's defaults
+_METHOD_SECTIONS = {name: _hparams_section(m) for name, m in METHODS.items() if m.hparams}
 _MethodSections = create_model("MethodSections", __base__=Section,
-                               **{name: (hp, hp()) for name, hp in METHODS.items() if hp.model_fields})
+                               **{name: (section, section()) for name, section in _METHOD_SECTIONS.items()})
 
 
 # The methods whose target is the teacher's softened output softmax(z / T) on its raw logits, and
@@ -336,13 +179,16 @@ class Student(_MethodSections):
 
 class Cache(Section):
     dtype: Literal["float16", "bfloat16", "float32"]
-    shard_size: PositiveInt
+    shard_size: bounded(100, 1_000_000, "a shard is computed in memory, and fewer than 100 samples per "
+                        "shard is taken for a typo (the CIFAR presets use 5,000)")
     views: Literal["all"] | PositiveInt  # every view of the view space, or this many per sample
     topk: Annotated[int, Field(ge=0)]  # 0 stores all classes; k stores the k largest logits
     min_accuracy: Annotated[float, Field(ge=0, le=1)]  # the teacher's least plausible accuracy on its views
+    batch_size: PositiveInt  # views per teacher forward while building
 
 
 class Compute(Section):
+    device: Literal[DEVICES]  # where every stage runs: auto (CUDA when present), cpu or cuda
     processes: Annotated[int, Field(ge=1, le=64)]  # training processes per stage (torchrun, DDP)
     compile: bool  # torch.compile the training forward
 
@@ -353,8 +199,8 @@ class Evaluate(Section):
 
 class Export(Section):
     opset: Annotated[int, Field(ge=17, le=23)]
-    batch_size: PositiveInt
-    latency_runs: PositiveInt
+    batch_size: BatchSize
+    latency_runs: bounded(1, 10_000, "more is taken for a typo (50 by default)")
     max_abs_diff: Annotated[float, Field(gt=0)]
 
 
@@ -370,9 +216,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _topk_below_the_classes(self) -> Params:
-        classes = {"gaussian": self.data.gaussian.n_classes, "digits": 10, "cifar10": 10, "cifar100": 100,
-                   "gaussian_images": self.data.gaussian_images.n_classes}
-        k, known = self.cache.topk, classes.get(self.data.name)  # imagefolder: counted when read
+        declared = DATASETS[self.data.name]
+        k, known = self.cache.topk, declared.num_classes(getattr(self.data, declared.key))  # None: when read
         if k and known is not None and k >= known:
             raise ValueError(f"cache.topk = {k}: must be below the {known} classes of data.name = "
                              f"{self.data.name!r} (0 stores all logits)")
@@ -395,7 +240,9 @@ def with_overrides(params: dict, overrides: dict[str, object], source: str = "ov
         *parents, key = dotted.split(".")
         node = params
         for part in parents:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ParamsError(f"{source}: {dotted} = {value!r}: {'.'.join(parents)} is not a section")
         node[key] = value
     parse(params, source)  # raises ParamsError naming key, value and what is allowed
     return params
@@ -415,9 +262,18 @@ def preset(name: str, path: str | Path = PRESETS_FILE) -> dict[str, object]:
 
 
 def presets_in(path: str | Path = PRESETS_FILE) -> dict[str, dict[str, object]]:
-    """Every preset of presets.yaml by name, as its complete dotted-key overrides."""
-    presets = yaml.safe_load(Path(path).read_text())
-    return {k: presets["recipe"] | v for k, v in presets["pairs"].items()} | presets.get("synthetic", {})
+    """Every preset of presets.yaml by name, as its complete dotted-key overrides; ParamsError naming
+    the file and what is wrong if it is not such a file."""
+    presets = read(path)
+    if not isinstance(presets, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (recipe, pairs, synthetic), found a "
+                          f"{type(presets).__name__}")
+    recipe, pairs, synthetic = presets.get("recipe"), presets.get("pairs"), presets.get("synthetic") or {}
+    named = lambda node: isinstance(node, dict) and all(isinstance(v, dict) for v in node.values())  # noqa: E731
+    if not (isinstance(recipe, dict) and named(pairs) and named(synthetic)):
+        raise ParamsError(f"{path}: expected `recipe` (key: value settings), `pairs` and optionally "
+                          "`synthetic` (each a mapping of preset names to key: value settings)")
+    return {k: recipe | v for k, v in pairs.items()} | synthetic
 
 
 def override_args(overrides: dict[str, object]) -> list[str]:
@@ -471,19 +327,72 @@ def parse(raw: object, source: str = PARAMS_FILE) -> Params:
         raise ParamsError("\n".join(lines)) from None
 
 
-def load(path: str | Path = PARAMS_FILE) -> Params:
-    path = Path(path)
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
+    Keys merged in with `<<:` may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: bytes | str, source: str) -> object:
+    """YAML text (UTF-8) as Python objects; ParamsError naming `source` if it is not UTF-8, not
+    YAML, or gives a key twice."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ParamsError(f"{path}: cannot read parameters: {e}") from None
-    return parse(raw, str(path))
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{source}: not UTF-8 text (byte 0x{text[e.start]:02x} at offset {e.start})") \
+            from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{source}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
 
 
-def load_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+def read(path: str | Path) -> object:
+    """A YAML file (params.yaml, presets.yaml) as Python objects; ParamsError naming the file."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_yaml(text, str(path))
+
+
+def digest(raw: object) -> str:
+    """The sha256 of parameter values (not of the file's bytes: comments and layout do not count).
+    check_params records the digest of the params.yaml it validated; each stage compares it."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_digest(path: str | Path = PARAMS_FILE) -> tuple[Params, str]:
+    """The parameters, validated, and the digest of their values, from one reading of the file."""
+    raw = read(path)
+    return parse(raw, str(path)), digest(raw)
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    return load_digest(path)[0]
+
+
+def load_digest_or_exit(path: str | Path = PARAMS_FILE) -> tuple[Params, str]:
     """For stage entry points: a bad params.yaml ends the process with exit code 2 and one message."""
     try:
-        return load(path)
+        return load_digest(path)
     except ParamsError as e:
         print(f"error: invalid parameters\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def load_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+    return load_digest_or_exit(path)[0]

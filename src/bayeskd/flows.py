@@ -6,8 +6,11 @@ parameter overrides), held with an exclusive lock, so two flow runs on one machi
 workspace. It sets the overrides in the workspace's params.yaml (validated before any stage runs),
 runs each stage with `dvc repro --single-item`, saves the result with `dvc exp save` and pushes the
 experiment to the project's git remote (`dvc exp push`, which also sends the outputs to the DVC
-remote). The workspace shares the project's DVC cache and is deleted after success; a failed or
-killed run leaves it, with its per-epoch checkpoints, and the next run of the same variant resumes.
+remote, where the project has one). Before the first stage it checks the workspace's files and the
+DVC cache's copies of the outputs dvc.lock names (`bayeskd.integrity.verify`), as DVC would restore
+a damaged copy unseen. The workspace shares the project's DVC cache and is deleted after success; a
+failed or killed run leaves it, with its per-epoch checkpoints, and the next run of the same variant
+resumes.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from typing import Any, Literal
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-from bayeskd import config, report, tracking
+from bayeskd import config, integrity, report, tracking
 from bayeskd.io import run as _sh
 from bayeskd.io import write_text
 
@@ -44,12 +48,12 @@ def stage_names(repo: Path) -> list[str]:
     return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
 
 
-def default_git_remote(repo: Path) -> str:
-    """Where experiments go: the project's `origin` if it has one, else the project itself."""
+def git_origin(repo: Path) -> str | None:
+    """The project's git remote `origin`, where experiments go; None if it has none."""
     try:
         return _sh(["git", "remote", "get-url", "origin"], repo)
     except RuntimeError:
-        return str(repo)
+        return None
 
 
 class StageFailed(RuntimeError):
@@ -103,17 +107,44 @@ def prepare_workspace(ws: Path, repo: Path, commit: str, params: dict, dvc_remot
     else:
         _sh(["git", "fetch", "-q", "origin"], ws)
     _sh(["git", "checkout", "-q", "--force", commit], ws)
+    if (repo / ".dvc" / "config.local").exists():  # the project's own remote settings, credentials
+        shutil.copy(repo / ".dvc" / "config.local", ws / ".dvc" / "config.local")
     _sh([*DVC, "cache", "dir", "--local", str(repo / ".dvc" / "cache")], ws)
     if dvc_remote:
         _sh([*DVC, "remote", "add", "--local", "--force", "--default", "flow", dvc_remote], ws)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+class DamagedFiles(RuntimeError):
+    """The workspace or the DVC cache holds damaged files; the message names each and its remedy."""
+
+
+@task
+def verify_workspace(ws: Path) -> None:
+    """Before any stage runs: no damaged file among the workspace's outputs (left by a failed run) or
+    the DVC cache's copies of the outputs dvc.lock names (DVC restores a cached copy as it is). Files
+    that merely differ from dvc.lock are the stages' business (they rerun)."""
+    problems, checked = integrity.verify(ws, against_lock=False)
+    if problems:
+        raise DamagedFiles("damaged files; nothing was run:\n" + "\n".join(problems))
+    get_run_logger().info(f"{checked} output files in the workspace and the DVC cache's copies are intact")
+
+
 @task
 def save_experiment(ws: Path, name: str, git_remote: str, push: bool) -> None:
+    """`dvc exp save`, then `dvc exp push`: the experiment to the git remote and its outputs to the
+    DVC remote; without a DVC remote, the outputs stay in this machine's DVC cache."""
+    _sh(["git", "add", "-A"], ws)  # new files in git's care too (curves of a first run): exp save skips them
     _sh([*DVC, "exp", "save", "--force", "-n", name], ws)
-    if push:
-        _sh([*DVC, "exp", "push", "--force", git_remote, name], ws)
+    if not push:
+        return
+    try:
+        _sh([*DVC, "remote", "default"], ws)
+        outputs = []
+    except RuntimeError:
+        print(f"no DVC remote: the outputs of {name} stay in this machine's DVC cache")
+        outputs = ["--no-cache"]
+    _sh([*DVC, "exp", "push", "--force", *outputs, git_remote, name], ws)
 
 
 def metrics_markdown(title: str, metrics: dict) -> str:
@@ -149,12 +180,14 @@ def pipeline(
     env = os.environ | {
         "MLFLOW_TRACKING_URI": tracking.tracking_uri(root),
         "DVC_EXP_NAME": name, "DVC_EXP_BASELINE_REV": commit,
+        "BAYESKD_EXECUTION": f"prefect-{flow_run.id}",  # its stages' one MLflow run
     }
     with locked_workspace(root, key) as ws:
         prepare_workspace(ws, root, commit, params, dvc_remote)
+        verify_workspace(ws)
         for stage in stage_names(ws):
             run_stage(stage, ws, env)
-        save_experiment(ws, name, git_remote or default_git_remote(root), push)
+        save_experiment(ws, name, git_remote or git_origin(root) or str(root), push)
         metrics = json.loads((ws / report.METRICS_FILE).read_text())
         shutil.rmtree(ws)
     create_markdown_artifact(markdown=metrics_markdown(f"{name} ({commit[:7]})", metrics),
@@ -217,6 +250,8 @@ def compare(
         futures = [dispatch.submit(deployment, n, p) for n, p in variants.items()]
         for f in futures:
             f.result()
+        if origin := git_origin(root):  # where the workers pushed them
+            report.pull_experiments(origin, root, (commit,))
     else:
         for p in variants.values():
             pipeline(repo=str(root), **p)
@@ -237,7 +272,7 @@ def compare(
 
 def checked_params(root: Path, rev: str, overrides: dict[str, Any]) -> dict:
     """params.yaml at `rev` with the overrides, validated (ParamsError names each bad key)."""
-    base = yaml.safe_load(_sh(["git", "show", f"{rev}:params.yaml"], root))
+    base = config.parse_yaml(_sh(["git", "show", f"{rev}:params.yaml"], root), f"params.yaml at {rev}")
     return config.with_overrides(base, overrides)
 
 
@@ -246,10 +281,13 @@ def cli_overrides(argv: list[str]) -> dict[str, Any]:
     out = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep:
-            print(f"error: expected key=value, got {arg!r}", file=sys.stderr)
-            raise SystemExit(2)
-        out[key] = yaml.safe_load(value)
+        try:
+            if not sep:
+                raise config.ParamsError(f"expected key=value, got {arg!r}")
+            out[key] = config.parse_yaml(value, arg)
+        except config.ParamsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     return out
 
 

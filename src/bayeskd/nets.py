@@ -1,72 +1,19 @@
-"""Architectures by name. `NETS` maps each name of `bayeskd.config.NETS` to a builder
-`(num_classes, in_shape) -> nn.Module`: small MLPs and CNNs for the embedded datasets, and the CIFAR
-KD model zoo of `bayeskd.zoo`. Every net declares its feature taps (`bayeskd.taps.Taps`)."""
+"""Nets by name: `build` turns a name of `NETS` (the nets declared in bayeskd.zoo: small MLPs and
+CNNs for the embedded datasets, and the CIFAR KD model zoo) into a model, normalising its input if
+asked; and the models' weights files. Every net declares its feature taps (`bayeskd.taps.Taps`)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.ops import MLP, Conv2dNormActivation
 
-from bayeskd import config
+from bayeskd import integrity, zoo
 from bayeskd.io import Failure
-from bayeskd.taps import Taps
-from bayeskd.zoo import ZOO
-from bayeskd.zoo._layers import GlobalAvgPool
 
-
-def mlp(hidden: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
-    """A fully connected ReLU net on the flattened input. Its one tap is the last hidden layer (the
-    pre-logit vector): it has no stages."""
-
-    def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
-        in_features = 1
-        for d in in_shape:
-            in_features *= d
-        net = nn.Sequential(nn.Flatten(), MLP(in_features, [*hidden, num_classes]))
-        net.taps = Taps((), f"1.{len(net[1]) - 3}")  # the last hidden activation (MLP ends Linear, Dropout)
-        return net
-
-    return build
-
-
-def cnn(widths: Sequence[int]) -> Callable[[int, Sequence[int]], nn.Module]:
-    """Conv-BN-ReLU stages (a 2x2 max-pool ends the first), global average pool, linear head. The
-    stage outputs and the pooled vector are its taps, as in the zoo."""
-
-    def build(num_classes: int, in_shape: Sequence[int]) -> nn.Module:
-        if len(in_shape) != 3:
-            raise ValueError(
-                f"a CNN needs image input (channels, height, width); the data has shape {tuple(in_shape)}"
-            )
-        layers: dict[str, nn.Module] = {}
-        channels = in_shape[0]
-        for i, w in enumerate(widths):
-            block = Conv2dNormActivation(channels, w, kernel_size=3)
-            layers[f"stage{i + 1}"] = nn.Sequential(block, nn.MaxPool2d(2)) if i == 0 else block
-            channels = w
-        layers |= {"pool": GlobalAvgPool(), "flatten": nn.Flatten(),
-                   "fc": nn.Linear(channels, num_classes)}
-        net = nn.Sequential(OrderedDict(layers))
-        net.taps = Taps(tuple(f"stage{i + 1}" for i in range(len(widths))), "flatten")
-        return net
-
-    return build
-
-
-# small nets for the embedded datasets
-EMBEDDED: dict[str, Callable[[int, Sequence[int]], nn.Module]] = {
-    "mlp_teacher": mlp([128, 128]),  # the paper's synthetic-benchmark MLP (30-128-128-K)
-    "mlp_student": mlp([16]),
-    "cnn_teacher": cnn([32, 64, 128]),
-    "cnn_student": cnn([8, 16]),
-}
-NETS = EMBEDDED | ZOO  # plus the standard CIFAR KD zoo (bayeskd.zoo)
-config.check_registry("net", config.NETS, NETS)
+NETS = zoo.NETS
 
 
 class Normalized(nn.Module):
@@ -89,7 +36,10 @@ def build(name: str, num_classes: int, in_shape: Sequence[int], normalize: dict 
     ({"mean": [...], "std": [...]}) it normalises its input itself."""
     if name not in NETS:
         raise ValueError(f"net {name!r} is not known; expected one of {', '.join(sorted(NETS))}")
-    net = NETS[name](num_classes, in_shape)
+    try:
+        net = NETS[name].build(num_classes, in_shape)
+    except ValueError as e:  # the builder says what inputs it needs
+        raise ValueError(f"net {name!r}: {e}") from None
     return Normalized(net, normalize["mean"], normalize["std"]) if normalize else net
 
 
@@ -99,12 +49,20 @@ class WeightsError(Failure):
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """The model's tensors as safetensors, with `metadata` (strings) in the file's header."""
+    save_tensors(model.state_dict(), path, metadata)
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Tensors (a state dict) as safetensors, with `metadata` and the sha256 of the tensors in the
+    file's header."""
     from safetensors.torch import save
 
     from bayeskd.io import atomic_path
 
+    digest, _ = integrity.weights_digests(save(state))
     with atomic_path(path) as tmp:
-        tmp.write_bytes(save(model.state_dict(), metadata=metadata))
+        tmp.write_bytes(save(state, metadata={**(metadata or {}), integrity.DIGEST_KEY: digest}))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -116,19 +74,26 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception as e:  # as in read_weights: safetensors raises several kinds
         raise WeightsError(f"cannot read {path}: {str(e).splitlines()[0][:200] or type(e).__name__}; "
-                           "restore it with `dvc checkout` or rebuild it with `dvc repro`") from None
+                           f"{integrity.remedy(path)}") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; WeightsError naming the file if it cannot be read."""
+    """The tensors of a safetensors file whose content matches the sha256 in its metadata;
+    WeightsError naming the file, what is wrong and the command that restores it otherwise."""
     from safetensors.torch import load
 
     try:
-        return load(Path(path).read_bytes())
+        raw = Path(path).read_bytes()
+        actual, recorded = integrity.weights_digests(raw)
+        tensors = load(raw)
     except Exception as e:  # a missing, truncated or foreign file: safetensors raises several kinds
         reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0][:200] or type(e).__name__
-        raise WeightsError(f"cannot read {path}: {reason}; restore it with `dvc checkout` or rebuild it "
-                           "with `dvc repro`") from None
+        raise WeightsError(f"cannot read {path}: {reason}; {integrity.remedy(path)}") from None
+    if actual != recorded:
+        why = ("no sha256 in its metadata" if recorded is None
+               else "its tensors do not match the sha256 in its metadata")
+        raise WeightsError(f"{path}: damaged ({why}); {integrity.remedy(path)}")
+    return tensors
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -150,6 +150,16 @@ def read_runs(path: str | Path) -> list[Run]:
     return runs
 
 
+def pull_experiments(remote: str, repo: str | Path = ".", revs: tuple[str, ...] = (),
+                     all_commits: bool = False) -> None:
+    """The experiments of `revs` (default HEAD), or of every commit, from git remote `remote`:
+    `dvc exp pull`, as `git fetch` does not bring them. Their outputs stay in the DVC remote."""
+    args = ["exp", "pull", "--no-cache", remote] + (["--all-commits"] if all_commits else [])
+    for r in revs:
+        args += ["--rev", r]
+    dvc(*args, repo=repo)
+
+
 def _compare_command(a: Run, b: Run) -> str:
     """What shows two runs' differences (`dvc exp diff REV` compares REV with the workspace)."""
     return " ".join(["dvc", "exp", "diff", *(r.rev for r in (a, b) if r.rev != "workspace")])

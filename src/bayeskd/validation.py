@@ -25,7 +25,7 @@ def _frame(ds: Dataset, split: str) -> pd.DataFrame:
     s = ds.splits[split]
     if not (len(s.x) == len(s.y) and (s.p is None or len(s.p) == len(s.y))):
         raise DataValidationError(f"{split}: inputs, labels and probabilities differ in length")
-    flat = s.x.reshape(len(s.x), -1)
+    flat = s.x.reshape(len(s.x), int(np.prod(s.x.shape[1:])))  # also for an empty split
     finite = np.isfinite(flat).all(1)
     cols = {
         "label": s.y,

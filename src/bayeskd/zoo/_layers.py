@@ -22,6 +22,14 @@ def conv_bn(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: 
     return nn.Sequential(*layers)
 
 
+def rgb_size(in_shape: tuple[int, ...]) -> int:
+    """The height of 3-channel images of shape `in_shape`; ValueError for other inputs."""
+    if len(in_shape) != 3 or in_shape[0] != 3:
+        raise ValueError("needs 3-channel image input of shape (3, height, width); the data has shape "
+                         f"{in_shape}")
+    return in_shape[1]
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave the channels of `groups` equal channel groups (ShuffleNet's channel shuffle)."""
     return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)

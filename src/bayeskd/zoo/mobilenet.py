@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bayeskd.zoo._layers import ZooNet, conv_bn
+from bayeskd.declare import net
+from bayeskd.zoo._layers import ZooNet, conv_bn, rgb_size
 
 # Per stage, the block groups as (expansion, output channels at width 1, blocks, first stride).
 STAGES: list[list[tuple[int, int, int, int]]] = [
@@ -37,8 +38,10 @@ class InvertedResidual(nn.Module):
         return x + out if self.residual else out
 
 
-def mobilenet_v2(num_classes: int, width_mult: float = 0.5) -> ZooNet:
+@net("MobileNetV2")
+def mobilenet_v2(num_classes: int, in_shape: tuple[int, ...], *, width_mult: float = 0.5) -> ZooNet:
     """Taps: the four stages and the pre-logit vector (after the 1x1 `head` conv)."""
+    rgb_size(in_shape)
     in_ch = int(32 * width_mult)
     stem = conv_bn(3, in_ch, 3, stride=2)
     stages = []

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bayeskd.zoo._layers import ZooNet, conv_bn
+from bayeskd.declare import net
+from bayeskd.zoo._layers import ZooNet, conv_bn, rgb_size
 
 
 class BasicBlock(nn.Module):
@@ -66,18 +67,34 @@ def _resnet(stem_width: int, block: type[BasicBlock | Bottleneck], widths: Seque
     return ZooNet(conv_bn(3, stem_width, 3), stages, None, in_ch, num_classes)
 
 
-def cifar_resnet(depth: int, widths: Sequence[int], num_classes: int) -> ZooNet:
+@net("resnet8", depth=8)
+@net("resnet14", depth=14)
+@net("resnet20", depth=20)
+@net("resnet32", depth=32)
+@net("resnet44", depth=44)
+@net("resnet56", depth=56)
+@net("resnet110", depth=110)
+@net("resnet8x4", depth=8, widths=[32, 64, 128, 256])
+@net("resnet32x4", depth=32, widths=[32, 64, 128, 256])
+def cifar_resnet(num_classes: int, in_shape: tuple[int, ...], *, depth: int,
+                 widths: Sequence[int] = (16, 16, 32, 64)) -> ZooNet:
     """`resnet{depth}`: a 3x3 stem to `widths[0]` channels, then three stages of (depth - 2) / 6
-    basic blocks with widths `widths[1:]` at strides 1, 2, 2."""
+    basic blocks with widths `widths[1:]` at strides 1, 2, 2 (x4: four times as wide, a stem twice as
+    wide)."""
+    rgb_size(in_shape)
     if (depth - 2) % 6:
         raise ValueError(f"a CIFAR resnet needs depth 6n + 2; got {depth}")
     n = (depth - 2) // 6
     return _resnet(widths[0], BasicBlock, widths[1:], [n] * 3, [1, 2, 2], num_classes)
 
 
-def resnet18(num_classes: int) -> ZooNet:
+@net("ResNet18")
+def resnet18(num_classes: int, in_shape: tuple[int, ...]) -> ZooNet:
+    rgb_size(in_shape)
     return _resnet(64, BasicBlock, [64, 128, 256, 512], [2, 2, 2, 2], [1, 2, 2, 2], num_classes)
 
 
-def resnet50(num_classes: int) -> ZooNet:
+@net("ResNet50")
+def resnet50(num_classes: int, in_shape: tuple[int, ...]) -> ZooNet:
+    rgb_size(in_shape)
     return _resnet(64, Bottleneck, [64, 128, 256, 512], [3, 4, 6, 3], [1, 2, 2, 2], num_classes)

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bayeskd.zoo._layers import ZooNet, channel_shuffle, conv_bn
+from bayeskd.declare import net
+from bayeskd.zoo._layers import ZooNet, channel_shuffle, conv_bn, rgb_size
 
 
 class ShuffleV1Block(nn.Module):
@@ -36,9 +37,11 @@ class ShuffleV1Block(nn.Module):
         return self.relu(torch.cat([out, self.downsample(x)], 1))
 
 
-def shufflenet_v1(num_classes: int, widths: Sequence[int] = (240, 480, 960),
+@net("ShuffleV1")
+def shufflenet_v1(num_classes: int, in_shape: tuple[int, ...], *, widths: Sequence[int] = (240, 480, 960),
                   depths: Sequence[int] = (4, 8, 4), groups: int = 3) -> ZooNet:
     """The first 1x1 conv of the very first block is not grouped (the 24-channel stem is too narrow)."""
+    rgb_size(in_shape)
     stages = []
     in_ch = 24
     for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
@@ -90,11 +93,12 @@ class ShuffleV2DownBlock(nn.Module):
         return channel_shuffle(torch.cat([self.left(x), self.right(x)], 1), 2)
 
 
-def shufflenet_v2(num_classes: int, widths: Sequence[int] = (116, 232, 464),
-                  depths: Sequence[int] = (3, 7, 3),
-                  head_width: int = 1024) -> ZooNet:
+@net("ShuffleV2")
+def shufflenet_v2(num_classes: int, in_shape: tuple[int, ...], *, widths: Sequence[int] = (116, 232, 464),
+                  depths: Sequence[int] = (3, 7, 3), head_width: int = 1024) -> ZooNet:
     """Each stage is a down-sampling block followed by `depth` basic blocks. Taps: the three stages
     and the pre-logit vector (after the 1x1 `head` conv)."""
+    rgb_size(in_shape)
     stages = []
     in_ch = 24
     for width, depth in zip(widths, depths, strict=True):

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from bayeskd.zoo._layers import ZooNet
+from bayeskd.declare import net
+from bayeskd.zoo._layers import ZooNet, rgb_size
 
 STAGE_WIDTHS: dict[int, list[list[int]]] = {
     8: [[64], [128], [256], [512], [512]],
@@ -28,9 +29,15 @@ def _stage(in_ch: int, widths: Sequence[int], pool_first: bool) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-def vgg(depth: int, num_classes: int, image_size: int = 32) -> ZooNet:
+@net("vgg8", depth=8)
+@net("vgg11", depth=11)
+@net("vgg13", depth=13)
+@net("vgg16", depth=16)
+@net("vgg19", depth=19)
+def vgg(num_classes: int, in_shape: tuple[int, ...], *, depth: int) -> ZooNet:
     """`vgg{depth}` (8, 11, 13, 16 or 19 weight layers). Taps: each stage's output, taken before the
     max-pool that starts the next stage, and the pre-logit vector."""
+    image_size = rgb_size(in_shape)
     stages = []
     in_ch = 3
     for i, widths in enumerate(STAGE_WIDTHS[depth], start=1):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bayeskd.zoo._layers import ZooNet
+from bayeskd.declare import net
+from bayeskd.zoo._layers import ZooNet, rgb_size
 
 
 def _bn_relu(ch: int) -> nn.Sequential:
@@ -37,8 +38,13 @@ class PreActBlock(nn.Module):
         return self.residual(a) + skip
 
 
-def wide_resnet(depth: int, widen: int, num_classes: int) -> ZooNet:
+@net("wrn_16_1", depth=16, widen=1)
+@net("wrn_16_2", depth=16, widen=2)
+@net("wrn_40_1", depth=40, widen=1)
+@net("wrn_40_2", depth=40, widen=2)
+def wide_resnet(num_classes: int, in_shape: tuple[int, ...], *, depth: int, widen: int) -> ZooNet:
     """Taps: the three stages' (pre-activation) outputs; `head` is the final BN-ReLU before pooling."""
+    rgb_size(in_shape)
     if (depth - 4) % 6:
         raise ValueError(f"a wide resnet needs depth 6n + 4; got {depth}")
     n = (depth - 4) // 6

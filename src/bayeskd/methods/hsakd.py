@@ -8,8 +8,10 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
 from bayeskd.batch import Batch
-from bayeskd.feature.base import FeatureMethod, Features, paired
+from bayeskd.declare import Float, method
 from bayeskd.losses import soft_kl as kl
+from bayeskd.methods.base import FeatureMethod, Features, paired
+from bayeskd.zoo._layers import GlobalAvgPool
 
 ROTATIONS = 4
 
@@ -18,7 +20,7 @@ def aux_head(channels: int, outputs: int) -> nn.Module:
     """An auxiliary classifier on a stage map: conv3x3-BN-ReLU, global average pool, linear."""
     return nn.Sequential(
         Conv2dNormActivation(channels, channels, kernel_size=3),
-        nn.AdaptiveAvgPool2d(1),
+        GlobalAvgPool(),
         nn.Flatten(),
         nn.Linear(channels, outputs),
     )
@@ -38,6 +40,9 @@ def _square(f: Features, which: str) -> None:
             )
 
 
+@method("hsakd", single_process=True,  # reruns the student outside DDP
+        weight=Float(1.0, ge=0), ce_weight=Float(1.0, ge=0), joint_weight=Float(1.0, ge=0),
+        teacher_weight=Float(1.0, ge=0), temperature=Float(3.0, gt=0))
 class HSAKD(FeatureMethod):
     """HSAKD (Yang et al., IJCAI 2021). Every batch is also seen rotated by 90, 180 and 270 degrees
     (4B inputs, rotation r in 0..3); sample i of class y_i at rotation r has the joint label 4 y_i + r.
@@ -54,8 +59,6 @@ class HSAKD(FeatureMethod):
     stages of the net; here each is one conv3x3-BN-ReLU block, pool and linear. The reference student
     script has no hsakd_joint term (joint_weight = 0 gives that). The student sees the rotated copies in
     a second forward pass, so its batch-norm statistics are updated twice per step."""
-
-    single_process = True  # reruns the student outside DDP
 
     def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
                  ce_weight: float, joint_weight: float, teacher_weight: float,

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayeskd.batch import Batch
-from bayeskd.feature.base import FeatureMethod, Features, in_float32
+from bayeskd.declare import Float, Int, method
+from bayeskd.methods.base import FeatureMethod, Features
 
 
 class MemoryBank(nn.Module):
@@ -41,6 +42,10 @@ def nce_loss(p: Tensor, num_samples: int) -> Tensor:
     return -(positive + negatives).mean()
 
 
+@method("crd", single_process=True,  # memory banks per sample
+        uses_stages=False, in_float32=True, weight=Float(0.8, ge=0), ce_weight=Float(1.0, ge=0),
+        feat_dim=Int(128, gt=0), nce_k=Int(16384, gt=0), nce_t=Float(0.07, gt=0),
+        nce_m=Float(0.5, ge=0, le=1))
 class CRD(FeatureMethod):
     """CRD (Tian, Krishnan, Isola, ICLR 2020). The pooled vectors are embedded, e_s = normalize(W_s f_s)
     and e_t = normalize(W_t f_t), and each is contrasted against the other net's memory bank: for
@@ -53,9 +58,6 @@ class CRD(FeatureMethod):
     Deviation: the reference CIFAR code draws the negatives without replacement from the samples of
     other classes; here they are drawn i.i.d. uniformly (with replacement, the noise NCE assumes) from
     all other samples, since the labels of the training set are not at hand; K = min(nce_k, N - 1)."""
-
-    single_process = True  # memory banks per sample
-    uses_stages = False
 
     def __init__(self, student: Features, teacher: Features, num_samples: int, *, weight: float,
                  ce_weight: float, feat_dim: int, nce_k: int, nce_t: float,
@@ -74,16 +76,17 @@ class CRD(FeatureMethod):
         self.register_buffer("z", torch.full((2,), -1.0))  # normalising constants; < 0 until the first batch
 
     def negatives(self, idx: Tensor) -> Tensor:
-        """K indices per sample (B x K), uniform with replacement over the other samples, drawn from
-        torch's global CPU generator."""
-        drawn = torch.randint(self.num_samples - 1, (len(idx), self.nce_k))
+        """K indices per sample (B x K), uniform with replacement over the other samples, drawn on
+        idx's device from its default generator (torch's global one on the CPU)."""
+        drawn = torch.randint(self.num_samples - 1, (len(idx), self.nce_k), device=idx.device)
         return drawn + (drawn >= idx[:, None]).long()
 
     def scores(self, anchor: Tensor, bank: MemoryBank, contrast: Tensor, side: int) -> Tensor:
         e = torch.exp(torch.bmm(bank(contrast), anchor.unsqueeze(2)).squeeze(2) / self.nce_t)
-        if self.z[side] < 0:
-            self.z[side] = e.detach().mean() * self.num_samples
-        return e / float(self.z[side])
+        # Z is set by the first batch, on the device: the step never waits to read it
+        z = torch.where(self.z[side] < 0, e.detach().mean() * self.num_samples, self.z[side])
+        self.z[side] = z
+        return e / z
 
     def contrast_loss(self, e_s: Tensor, e_t: Tensor, contrast: Tensor) -> Tensor:
         """The two NCE losses for embeddings e_s, e_t (B x feat_dim) and contrast indices (B x (1 + K):
@@ -92,10 +95,9 @@ class CRD(FeatureMethod):
         p_t = self.scores(e_t, self.memory_s, contrast, 1)
         return nce_loss(p_s, self.num_samples) + nce_loss(p_t, self.num_samples)
 
-    @in_float32
     def terms(self, s: Features, t: Features, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        idx = batch.idx.cpu()
-        contrast = torch.cat([idx[:, None], self.negatives(idx)], 1).to(self.z.device)
+        idx = batch.idx.to(self.z.device)
+        contrast = torch.cat([idx[:, None], self.negatives(idx)], 1)
         e_s = F.normalize(self.embed_s(s.pooled.flatten(1)), dim=1)
         e_t = F.normalize(self.embed_t(t.pooled.detach().flatten(1)), dim=1)
         loss = self.contrast_loss(e_s, e_t, contrast)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayeskd.batch import Batch
-from bayeskd.feature.base import FeatureMethod, Features, paired
+from bayeskd.declare import Float, method
+from bayeskd.methods.base import FeatureMethod, Features, mean_pool, paired
 
 
 def same_size(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -17,12 +18,13 @@ def same_size(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     hs, ws = s.shape[-2:]
     ht, wt = t.shape[-2:]
     if hs * ws > ht * wt:
-        s = F.adaptive_avg_pool2d(s, (ht, wt))
+        s = mean_pool(s, (ht, wt))
     elif ht * wt > hs * ws:
-        t = F.adaptive_avg_pool2d(t, (hs, ws))
+        t = mean_pool(t, (hs, ws))
     return s, t
 
 
+@method("fitnet", weight=Float(100.0, ge=0), ce_weight=Float(1.0, ge=0))
 class FitNet(FeatureMethod):
     """FitNets: hints for thin deep nets (Romero et al., ICLR 2015):
     weight * mean((r(f_s) - f_t)^2) on the middle stage pair, r a 1x1 conv + batch norm."""
@@ -48,6 +50,7 @@ def attention(f: Tensor, p: float) -> Tensor:
     return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
+@method("at", weight=Float(1000.0, ge=0), ce_weight=Float(1.0, ge=0), p=Float(2.0, gt=0))
 class AT(FeatureMethod):
     """Attention transfer (Zagoruyko and Komodakis, ICLR 2017): weight * sum over stage pairs of
     mean((Q_s - Q_t)^2), Q = vec(mean_c |f|^p) / ||vec(mean_c |f|^p)||_2."""
@@ -66,6 +69,8 @@ class AT(FeatureMethod):
         return {"at": self.weight * loss}
 
 
+@method("vid", weight=Float(1.0, ge=0), ce_weight=Float(1.0, ge=0), init_pred_var=Float(5.0, gt=0),
+        eps=Float(1e-5, gt=0))
 class VID(FeatureMethod):
     """Variational information distillation (Ahn et al., CVPR 2019): per stage pair, the Gaussian
     negative log-likelihood mean(log(sigma_c^2) / 2 + (f_t - mu(f_s))^2 / (2 sigma_c^2)), summed over

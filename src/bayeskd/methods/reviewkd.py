@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayeskd.batch import Batch
-from bayeskd.feature.base import FeatureMethod, Features, paired
+from bayeskd.declare import Float, Int, method
+from bayeskd.methods.base import FeatureMethod, Features, mean_pool, paired
 
 HCL_LEVELS = (4, 2, 1)
 
@@ -21,7 +22,7 @@ def hcl(fs: Tensor, ft: Tensor) -> Tensor:
         if level >= fs.shape[-2]:
             continue
         weight /= 2
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
+        loss = loss + weight * F.mse_loss(mean_pool(fs, (level, level)), mean_pool(ft, (level, level)))
         total += weight
     return loss / total
 
@@ -57,11 +58,13 @@ def _as_map(v: Tensor) -> Tensor:
     return v.flatten(1)[:, :, None, None]
 
 
+@method("reviewkd", weight=Float(1.0, ge=0), ce_weight=Float(1.0, ge=0), warmup=Int(20, gt=0),
+        max_mid_channels=Int(512, gt=0))
 class ReviewKD(FeatureMethod):
     """ReviewKD (Chen et al., CVPR 2021). The paired stages plus the pooled vector (as a 1x1 map) are
     the levels, shallow to deep. ABF fuses the student's levels from deep to shallow, each output at
     its teacher level's size and channels: F_i = ABF_i(S_i, residual_{i+1}). Loss:
-    weight * min(epoch / warmup, 1) * sum_i HCL(F_i, T_i).
+    weight * min((epoch + 1) / warmup, 1) * sum_i HCL(F_i, T_i).
 
     ABF width: min(max_mid_channels, the student's pooled width), as the reference code (so 256 for
     resnet8x4, 64 for resnet8, 16 for the tiny cnn_student). Maps are resized with nearest-neighbour
@@ -100,4 +103,5 @@ class ReviewKD(FeatureMethod):
         pairs = self.levels(s, t)
         fused = self.review([fs for fs, _ in pairs], [tuple(ft.shape[-2:]) for _, ft in pairs])
         loss = sum(hcl(f, ft.detach()) for f, (_, ft) in zip(fused, pairs, strict=True))
-        return {"reviewkd": self.weight * min(epoch / self.warmup, 1.0) * loss}
+        # the reference counts epochs from 1: its weight min(epoch / warmup, 1) is 1 / warmup in the first
+        return {"reviewkd": self.weight * min((epoch + 1) / self.warmup, 1.0) * loss}

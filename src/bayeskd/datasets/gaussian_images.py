@@ -47,17 +47,53 @@ smaller training split is a prefix of a larger one.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Annotated
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from pydantic import Field, model_validator
 
-from bayeskd.config import GaussianImages
-from bayeskd.dataset import DataError, Dataset, Split
+from bayeskd.datasets.base import DataError, Dataset, Split
+from bayeskd.declare import Fraction, PositiveInt, Section, bounded, dataset
 
 CHUNK = 2000  # images generated at a time
 OFFSET = 0.5  # b: mid grey
 MAX_CLIPPED = 1e-5  # the largest share of pixel values that may be clipped to [0, 1]
 CALIBRATION_SAMPLES = 40_000  # latent draws that estimate the Bayes accuracy during calibration
+IMAGES_WHY = "more is taken for a typo (CIFAR has 50,000 training images)"
+
+
+class GaussianImages(Section):
+    """The generative model's parameters (see the module docstring)."""
+
+    n_train: bounded(1, 1_000_000, IMAGES_WHY)
+    n_val: bounded(0, 1_000_000, IMAGES_WHY)  # 0: no validation split
+    n_test: bounded(1, 1_000_000, IMAGES_WHY)
+    n_classes: Annotated[int, Field(ge=2)]
+    channels: PositiveInt
+    image_size: PositiveInt
+    latent_dim: PositiveInt
+    modes_per_class: PositiveInt
+    bayes_accuracy: Fraction  # the target; the latent spread is calibrated to it
+    smoothness: Annotated[float, Field(ge=0)]  # blur std of the decoder's fields, in pixels
+    margin: Annotated[int, Field(ge=0)]  # the fields are 0 this close to the border
+    contrast: Annotated[float, Field(gt=0, lt=0.5)]  # largest RMS deviation of a noise-free pixel from 0.5
+    pixel_noise: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _feasible(self) -> GaussianImages:
+        if self.bayes_accuracy <= 1 / self.n_classes:
+            raise ValueError(f"bayes_accuracy = {self.bayes_accuracy}: must be above chance, "
+                             f"1/n_classes = {1 / self.n_classes:.4g}")
+        for split in ("n_train", "n_val", "n_test"):
+            n = getattr(self, split)
+            if 0 < n < self.n_classes:
+                raise ValueError(f"{split} = {n}: a split needs at least n_classes = {self.n_classes} images "
+                                 "(the data validation expects every class in every split)"
+                                 + ("; 0 for none" if split == "n_val" else ""))
+        if 2 * self.margin + 1 >= self.image_size:
+            raise ValueError(f"margin = {self.margin} leaves no pixels of a {self.image_size}-pixel image "
+                             "to the decoder's fields; use less than (image_size - 1) / 2")
+        return self
 
 
 def logsumexp(a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
@@ -164,6 +200,8 @@ def smooth_fields(rng: np.random.Generator, shape: tuple[int, int, int], d: int,
                   smoothness: float, margin: int = 0) -> np.ndarray:
     """d orthonormal columns (D, d): blurred white noise, half of them mirror-symmetric (left-right),
     half antisymmetric."""
+    from scipy.ndimage import gaussian_filter
+
     c, h, w = shape
     pad = int(np.ceil(4 * smoothness))  # blur a larger field and keep its centre: no edge effects
     noise = rng.standard_normal((d, c, h + 2 * pad, w + 2 * pad))
@@ -273,6 +311,7 @@ def _split(model: ImageModel, n: int, seed: int, index: int,
     return split, clipped, {k: np.concatenate(v) for k, v in effects.items() if v}
 
 
+@dataset("gaussian_images", section=GaussianImages, classes=lambda cfg: cfg.n_classes, images=True)
 def make_gaussian_images(cfg: GaussianImages, seed: int) -> Dataset:
     """The dataset: train, val (unless n_val is 0) and test splits of one model, with exact p*."""
     model, noise_std = build_model(cfg, seed)

@@ -1,5 +1,5 @@
-"""The in-memory dataset record that every dataset maker returns. A leaf module: it imports nothing
-of bayeskd but the error base."""
+"""The in-memory dataset record that every dataset maker returns (its contract: the package
+docstring). It imports nothing of bayeskd but the error base."""
 
 from __future__ import annotations
 

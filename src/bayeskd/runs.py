@@ -1,0 +1,95 @@
+"""One DVC run per workspace at a time: every stage uses the params.yaml validated for its run.
+
+In one workspace, `dvc exp run -S seed=1 & dvc exp run -S seed=2` does not run two experiments: the
+second writes its parameters into params.yaml before DVC's lock refuses it, and may even run
+check_params (DVC locks only the files of the stage it runs), while the first goes on with them.
+So:
+- check_params records the digest of the parameter values it validated (`config.VALIDATED_FILE`,
+  an output: the same for the same parameters), and which DVC command validated them, and when
+  (`MARKER`, under .dvc/tmp: it differs on every run, so it is no output, and dvc.lock stays the
+  same for the same parameters);
+- every stage that DVC runs checks, before it starts, that params.yaml is the validated one and
+  that no other DVC command validated parameters after its own began; and, when it ends, that
+  params.yaml did not change while it ran. A stage run by hand reads params.yaml as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from bayeskd import config
+from bayeskd.io import write_json
+
+MARKER = ".dvc/tmp/bayeskd-validated.json"
+ADVICE = ("Run one experiment per workspace at a time (several side by side: `dvc exp run --queue` or "
+          "`--temp`); `git checkout -- params.yaml` brings back HEAD's parameters")
+
+
+def under_dvc() -> bool:
+    """Whether DVC runs this process as a stage (DVC sets DVC_STAGE)."""
+    return bool(os.environ.get("DVC_STAGE"))
+
+
+def params_digest() -> str | None:
+    """The digest of params.yaml's values as the file is now (config.digest); None if unreadable."""
+    try:
+        return config.digest(config.read(config.PARAMS_FILE))
+    except config.ParamsError:
+        return None
+
+
+def dvc_command() -> dict | None:
+    """The DVC command running this process: its pid, start time and command line; None if none is
+    found (DVC called from Python)."""
+    import psutil
+
+    try:
+        for p in psutil.Process().parents():
+            args = p.cmdline()
+            if any(Path(a).name == "dvc" for a in args[:2]) or args[1:3] == ["-m", "dvc"]:
+                return {"pid": p.pid, "started": p.create_time(), "cmd": " ".join(args[1:])[:200]}
+    except psutil.Error:
+        return None
+    return None
+
+
+def mark(digest: str) -> None:
+    """For check_params, once it has written config.VALIDATED_FILE: which DVC command validated the
+    parameters with `digest`, and when."""
+    if under_dvc() and Path(MARKER).parent.is_dir():
+        write_json(MARKER, {"params_sha256": digest, "dvc": dvc_command(), "at": time.time()})
+
+
+def _read(path: str) -> dict:
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def problem(digest: str | None) -> str | None:
+    """Why a stage that DVC runs must not use the params.yaml whose values have `digest`, or None."""
+    if digest != _read(config.VALIDATED_FILE).get("params_sha256"):
+        return (f"params.yaml is not the one check_params validated for this run ({config.VALIDATED_FILE}): "
+                f"another run or an edit changed it; this stage stops before it mixes two runs' parameters. "
+                + ADVICE)
+    marker, me = _read(MARKER), dvc_command()
+    other = marker.get("dvc")
+    if (me and isinstance(other, dict) and other.get("pid") != me["pid"]
+            and marker.get("at", 0) > me["started"]):  # validated by another DVC command since this began
+        return (f"another DVC run (PID {other.get('pid')}: {other.get('cmd')}) rewrote params.yaml and "
+                "validated it after this run began; this stage stops before it mixes two runs' parameters. "
+                + ADVICE)
+    return None
+
+
+def changed_while_running(started_with: str | None) -> str | None:
+    """Why a stage that DVC ran must fail after all (its outputs unrecorded), or None."""
+    if params_digest() != started_with:
+        return ("params.yaml changed while this stage ran; it fails so that DVC does not record its outputs "
+                "with other parameters than they were made with. " + ADVICE)
+    return None
