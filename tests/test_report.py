@@ -252,6 +252,8 @@ def test_a_damaged_archive_is_one_error_line(tmp_path, capsys, text):
     assert "error: cannot read or write" in capsys.readouterr().err
 
 
+@pytest.mark.xfail(strict=True, reason="the effect map's study has not run yet: docs/effect-map.md holds no "
+                   "table recomputed from an archive (strict: once it does, this marker must go)")
 def test_the_effect_map_in_the_docs_is_recomputed_from_the_archived_runs(monkeypatch, capsys):
     """Every table of docs/effect-map.md is the output of the `bayeskd compare --runs ...` command
     written above it, run on the CSV archive in reports/: each of its numbers recomputed."""
