@@ -124,12 +124,13 @@ def epoch_logging(role: str) -> Iterator[EpochHook | None]:
         yield on_epoch
 
 
-def finish(model: nn.Module, history: list[dict], weights: str, checkpoint: str, what: str) -> None:
-    """The end of a training stage, on rank 0: the weights, the checkpoint gone (only a killed run
-    needs it), a one-line summary."""
+def finish(model: nn.Module, history: list[dict], weights: str, checkpoint: str, what: str,
+           metadata: dict[str, str] | None = None) -> None:
+    """The end of a training stage, on rank 0: the weights (with `metadata` in their header), the
+    checkpoint gone (only a killed run needs it), a one-line summary."""
     if distributed()[0] != 0:
         return
-    nets.save_weights(model, weights)
+    nets.save_weights(model, weights, metadata)
     Path(checkpoint).unlink()
     shown = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.endswith("acc"))
     print(f"{what} done: {shown} -> {weights}")

@@ -1,8 +1,9 @@
-"""Stage train_teacher: train the teacher with teacher.loss (ce, mse or ls); resumable per epoch."""
+"""Stage train_teacher: train the teacher with teacher.loss (ce, mse, ls, or ce_ts: CE, then a
+temperature fitted on the validation split and folded into the logit layer); resumable per epoch."""
 
-from bayeskd import data
+from bayeskd import calibration, config, data
 from bayeskd.losses import TEACHER_LOSSES
-from bayeskd.train import Checkpoint, TrainSet, fit, seed_everything
+from bayeskd.train import Checkpoint, TrainSet, fit, predict, seed_everything
 from common import (
     DATA,
     TEACHER,
@@ -19,6 +20,18 @@ from common import (
 CHECKPOINT = "checkpoints/teacher.pt"
 
 
+def calibrate(model, val) -> dict[str, str]:
+    """Temperature scaling on the validation split (config.TEMPERATURE_SCALED losses): T minimises
+    the validation NLL and is folded into the logit layer; returned as the weights' metadata."""
+    x, y = val[0], val[1].numpy()
+    logits = predict(model, x).numpy()
+    temperature = calibration.fit_temperature(logits, y)
+    calibration.fold_temperature(model, temperature, x[:256])
+    print(f"temperature scaling: T = {temperature:.4f}, validation NLL "
+          f"{calibration.nll(logits, y):.4f} -> {calibration.nll(logits, y, temperature):.4f}")
+    return {calibration.METADATA_KEY: repr(temperature)}
+
+
 def main() -> None:
     p = params()
     t = p.teacher
@@ -31,11 +44,14 @@ def main() -> None:
         return {t.loss: loss(logits, batch.y, t.label_smoothing)}
 
     run = fingerprint(t.model_dump(), p.seed, p.data.augment.model_dump(), files=(f"{DATA}/train.npz",))
+    val = tensors(ds, "val")
     with epoch_logging("teacher") as on_epoch:
         history = fit(model, loss_fn, TrainSet(*tensors(ds, "train"), augmentation(p)), t.optim, seed=p.seed,
-                      checkpoint=Checkpoint(CHECKPOINT, run), val=tensors(ds, "val"), on_epoch=on_epoch,
+                      checkpoint=Checkpoint(CHECKPOINT, run), val=val, on_epoch=on_epoch,
                       compiled=p.compute.compile, device=p.compute.device, name=f"teacher[{t.loss}]")
-    finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})")
+    # the schema refuses these losses without a validation split (config.Data.no_validation_split)
+    metadata = calibrate(model, val) if t.loss in config.TEMPERATURE_SCALED else None
+    finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})", metadata)
 
 
 if __name__ == "__main__":

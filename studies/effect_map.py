@@ -1,67 +1,253 @@
-"""The effect map: where does the MSE teacher help? (README, "Where does the MSE teacher help?")
+"""The effect map: where does the MSE teacher (or a calibrated CE teacher) help its student?
+(docs/effect-map.md)
 
-A fixed sweep, queued as DVC experiments of this project: teacher loss (ce, mse, ls) x teacher
-training budget (short, default, long) x seed (0, 1, 2) x distillation method (kd, dist), on the
-gaussian default and on gaussian_images (preset gaussian_images-cpu). The students' recipe stays
-fixed. Then `bayeskd compare` publishes it: per configuration, the teachers' bcpd_mse and ECE, the
-students' accuracy and the paired MSE - CE (and LS - CE) student difference with its 95% interval,
-and `--plot` the figure of student gain against the teacher's bcpd_mse gap.
+PROTOCOL, fixed before any of its runs (change it here, and say so, never after looking at results)
 
-    python studies/effect_map.py queue [gaussian] [images]   # queue the sweep (default: both)
-    dvc queue start -j 2                                      # run it; `dvc queue status` to follow
-    bayeskd compare --format md --plot reports/effect_map     # the table and the figures
+Question. Is a teacher trained with the softmax-MSE loss closer to p* on the transfer set, the
+inputs the student distils on, at the temperature the student sees it, and is its student more
+accurate, closer to p*, or better calibrated? And is any such gain calibration alone? For that,
+`ce_ts`: the CE teacher with a temperature fitted on the validation split (the same training as
+`ce`, then one scalar).
 
-The sweep was fixed before it was run; change it here, not after looking at its results.
+Teachers. ce, mse and ce_ts. (Label smoothing, `ls`, is left out to fit the machine time; it tied
+with CE in all but one cell of the earlier map.)
+
+Learning rate. Every teacher loss gets the same grid, LRS (SGD, momentum 0.9, batch 64, weight
+decay 5e-4, x0.1 at three quarters of the epochs). Per data set and loss the rate is chosen on the
+teacher's validation NLL, at the converged budget, KD at T = 4, seed 0 (`bayeskd compare --select
+teacher.optim.lr:teacher.val_nll`), never on the test split, never on p*. For ce_ts the NLL is
+that of the calibrated teacher. The other budget and temperature keep that rate.
+
+Budgets. "converged": training accuracy on a plateau, measured as evaluate's `teacher.plateau`,
+the rise of the training accuracy over the last fifth of the first learning-rate phase (the mean
+of that fifth minus the mean of the fifth before), under 0.01. The first phase was sized
+beforehand from seed-0 training curves alone (ce and mse at every grid rate, constant rate; no
+validation, test or p* number looked at). On both data sets the teachers memorise their training
+split before their accuracy stops rising, so a converged teacher is already far past the Bayes
+accuracy. gaussian, 120 epochs at a constant rate: rise 0.000 (ce 0.01), 0.006 (ce 0.1, which
+oscillates about 0.6), 0.011 (mse 0.01, at 0.93), 0.033 (mse 0.1, oscillating about 0.8); ce 0.01
+reached 1.000 by epoch 50. gaussian_images (below), 40 epochs: every curve at 0.99 or more by
+epoch 35. Hence first phases of 120 (gaussian) and 45 (images) epochs, then 40 and 15 at a tenth
+of the rate. Every run reports its `teacher.plateau`; the study does not enforce it. "overfit"
+(gaussian only): twice the epochs, nothing else changed. Students keep one fixed recipe per
+data set.
+
+Distillation. KD at T = 1 and T = 4 (0.1 CE + 0.9 T^2 KL), from the logit cache.
+
+Seeds. 0, 1, 2 for every cell; a cell (data, budget, T) gets seeds 3 and 4 for all its losses
+where a paired student difference to CE (accuracy, bcpd_mse or ECE) is within two standard
+deviations of zero: |mean| < 2 sd of the per-seed differences.
+
+Data and nets, sized to about 2 hours on 2 idle CPU cores (two queue workers of one thread each):
+- gaussian, the paper's synthetic benchmark as in params.yaml (5,000 training, 5,000 validation,
+  90,000 test samples), mlp_teacher -> mlp_student, students as the default (10 epochs, lr 0.02).
+- gaussian_images made small: 3x8x8 images (2,000 training, 1,000 validation, 5,000 test),
+  resnet8 -> cnn_student, no augmentation, so that the transfer set is exactly the inputs whose p*
+  is known; converged budget only. The paper-scale study runs the same protocol with the preset
+  `gaussian_images-gpu` (50,000 32x32 images, resnet32x4 -> resnet8x4, crops with padding 2):
+  `python studies/effect_map.py run --gpu`.
+
+Reported (docs/effect-map.md): the table `bayeskd compare --runs reports/effect_map/runs.csv
+--select teacher.optim.lr:teacher.val_nll --wide --format md` recomputes from the archived runs,
+paired 95% t-intervals, and Holm's correction over all its paired comparisons.
+
+    python studies/effect_map.py run [gaussian] [images] [--gpu]   # every phase, waiting for the queue
+    python studies/effect_map.py queue PHASE [gaussian] [images]   # one phase: select, main or more
+    python studies/effect_map.py archive          # reports/effect_map/runs.csv from the experiments
+
+A phase queues only the runs that are neither done nor queued, so `run` resumes where it stopped.
+
+Run it in a clone of its own with OMP_NUM_THREADS=1: two queue workers share two cores.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
-from bayeskd import config
+from bayeskd import config, report
 
-GRID = {"teacher.loss": ["ce", "mse", "ls"], "seed": [0, 1, 2], "student.method": ["kd", "dist"]}
+LOSSES = ("ce", "mse", "ce_ts")
+LRS = (0.01, 0.03, 0.1)
+TEMPERATURES = (4.0, 1.0)  # T = 4 first: the T = 1 runs then find their teachers in DVC's run cache
+SEEDS, MORE_SEEDS = (0, 1, 2), (3, 4)
+SELECT = report.Selection("teacher.optim.lr", "teacher.val_nll")
+ARCHIVE = "reports/effect_map/runs.csv"
+WORKERS = 2
+
+
+def budget(epochs: int) -> dict[str, object]:
+    return {"teacher.optim.epochs": epochs, "teacher.optim.milestones": [epochs * 3 // 4]}
+
+
+RECIPE = {"teacher.optim.batch_size": 64, "teacher.optim.momentum": 0.9, "teacher.optim.weight_decay": 0.0005,
+          "teacher.optim.gamma": 0.1, "student.method": "kd", "student.kd.ce_weight": 0.1,
+          "student.kd.kd_weight": 0.9}
+SMALL_IMAGES = {
+    "data.name": "gaussian_images", "data.gaussian_images.n_train": 2000, "data.gaussian_images.n_val": 1000,
+    "data.gaussian_images.n_test": 5000, "data.gaussian_images.image_size": 8,
+    "data.gaussian_images.smoothness": 1.0, "data.gaussian_images.margin": 1, "data.augment.padding": 0,
+    "teacher.net": "resnet8", "student.net": "cnn_student", "student.optim.epochs": 20,
+    "student.optim.lr": 0.05, "student.optim.milestones": [15], "cache.views": "all"}
+# data set -> (its fixed overrides, {budget name: overrides}); the first budget is the converged one
 STUDIES = {
-    # teacher SGD on 5,000 samples, batch 64; the default is the project's own recipe
-    "gaussian": ({}, {
-        "short": {"teacher.optim.epochs": 3, "teacher.optim.lr": 0.02, "teacher.optim.milestones": [2]},
-        "default": {"teacher.optim.epochs": 10, "teacher.optim.lr": 0.02, "teacher.optim.milestones": [7]},
-        "long": {"teacher.optim.epochs": 40, "teacher.optim.lr": 0.05, "teacher.optim.milestones": [30]},
-    }),
-    # resnet20 -> resnet8 on 1,000 images; the preset's 15 epochs are the default
-    "images": (config.preset("gaussian_images-cpu"), {
-        "short": {"teacher.optim.epochs": 5, "teacher.optim.milestones": [4]},
-        "default": {"teacher.optim.epochs": 15, "teacher.optim.milestones": [11]},
-        "long": {"teacher.optim.epochs": 45, "teacher.optim.milestones": [34]},
-    }),
+    "gaussian": ({"data.name": "gaussian"}, {"converged": budget(160), "overfit": budget(320)}),
+    "images": (SMALL_IMAGES, {"converged": budget(60)}),
 }
+# paper scale, on a GPU: the gaussian_images-gpu preset with its own budget (240 epochs, x0.1 after
+# 150, 180 and 210), plus a validation split to choose the learning rate on and fit ce_ts's T
+GPU_STUDIES = {"images-gpu": ({**config.preset("gaussian_images-gpu"), "data.gaussian_images.n_val": 5000},
+                              {"converged": {}})}
 
 
-def queue_commands(study: str) -> list[list[str]]:
-    """One `dvc exp run --queue` per method and budget, the other axes as DVC's comma-separated
-    sweeps. Methods outermost: the second method's runs find their teachers in DVC's run cache."""
-    base, regimes = STUDIES[study]
-    commands = []
-    for method in GRID["student.method"]:
-        for regime in regimes.values():
-            fixed = {k: v for k, v in (base | regime).items() if k not in GRID} | {"student.method": method}
-            args = config.override_args(fixed)
-            args += [a for k, values in GRID.items() if k != "student.method"
-                     for a in ("-S", f"{k}={','.join(map(str, values))}")]
-            commands.append(["dvc", "exp", "run", "--queue", *args])
-    return commands
+@dataclass(frozen=True)
+class Cell:
+    study: str
+    budget: str
+    temperature: float
+
+    def overrides(self, studies: dict) -> dict[str, object]:
+        fixed, budgets = studies[self.study]
+        return {**RECIPE, **fixed, **budgets[self.budget], "student.kd.temperature": self.temperature}
+
+    def holds(self, run: report.Run, studies: dict) -> bool:
+        flat = report.flatten(run.params)
+        return all(json.dumps(flat.get(k)) == json.dumps(v) for k, v in self.overrides(studies).items()
+                   if k not in ("teacher.optim.lr",))
+
+
+def cells(studies: dict) -> list[Cell]:
+    return [Cell(s, b, t) for t in TEMPERATURES for s, (_, budgets) in studies.items() for b in budgets]
+
+
+def experiments() -> list[report.Run]:
+    return [r for r in report.collect() if r.origin.startswith("experiments of ")]
+
+
+def pending() -> list[report.Run]:
+    """The queued and running experiments (their parameters; no metrics yet)."""
+    shown = json.loads(report.dvc("exp", "show", "--json"))
+    return [report.Run(node.get("name", ""), node["data"]["params"]["params.yaml"]["data"], {})
+            for top in shown for exp in top.get("experiments") or []
+            if (exp.get("executor") or {}).get("state") in ("queued", "running")
+            for node in exp.get("revs") or []]
+
+
+def done(runs: list[report.Run], cell: Cell, loss: str, lr: float, seed: int, studies: dict) -> bool:
+    return any(cell.holds(r, studies) and r.params["teacher"]["loss"] == loss and r.params["seed"] == seed
+               and r.params["teacher"]["optim"]["lr"] == lr for r in runs)
+
+
+def chosen_rates(runs: list[report.Run], studies: dict) -> dict[tuple[str, str], float]:
+    """(study, loss) -> the learning rate the selection runs chose (SELECT, as `bayeskd compare`)."""
+    out = {}
+    for study in studies:
+        selection = Cell(study, next(iter(studies[study][1])), TEMPERATURES[0])
+        for loss in LOSSES:
+            by_value = {}
+            for r in runs:
+                if selection.holds(r, studies) and r.params["teacher"]["loss"] == loss:
+                    lr = json.dumps(r.params["teacher"]["optim"]["lr"])
+                    by_value.setdefault(lr, {})[r.params["seed"]] = r
+            if len(by_value) < len(LRS):
+                raise SystemExit(f"error: {study}, {loss}: the selection runs are not all done "
+                                 f"({len(by_value)} of {len(LRS)} rates); run `queue select` first")
+            out[study, loss] = json.loads(SELECT.choose(by_value))
+    return out
+
+
+def needs_more_seeds(runs: list[report.Run], cell: Cell, rates: dict, studies: dict) -> bool:
+    """Whether a paired student difference of the cell is within two standard deviations of zero."""
+    mine = [r for r in runs if cell.holds(r, studies)
+            and r.params["teacher"]["optim"]["lr"] == rates[cell.study, r.params["teacher"]["loss"]]]
+    for row in report.summarise(mine, SELECT):
+        for key in ("student.accuracy", "student.bcpd_mse", "student.ece"):
+            d = row.diffs.get(key, [])
+            if len(d) > 1 and abs(statistics.fmean(d)) < 2 * statistics.stdev(d):
+                return True
+    return False
+
+
+def plan(phase: str, studies: dict) -> list[tuple[Cell, str, float, int]]:
+    """The (cell, loss, learning rate, seed) runs of a phase that are not done yet."""
+    runs = experiments()
+    wanted = []
+    if phase == "select":
+        wanted = [(Cell(s, next(iter(b)), TEMPERATURES[0]), loss, lr, SEEDS[0])
+                  for s, (_, b) in studies.items() for loss in LOSSES for lr in LRS]
+    else:
+        rates = chosen_rates(runs, studies)
+        for cell in cells(studies):
+            more = phase == "more" and needs_more_seeds(runs, cell, rates, studies)
+            seeds = SEEDS if phase == "main" else MORE_SEEDS if more else ()
+            wanted += [(cell, loss, rates[cell.study, loss], seed) for seed in seeds for loss in LOSSES]
+    queued = pending()
+    return [w for w in wanted if not done(runs, *w, studies) and not done(queued, *w, studies)]
+
+
+def start_workers() -> None:
+    """Start the missing ones of queue workers 1..WORKERS (DVC names them by number). Their output
+    goes to DVC's worker logs; they stop when the queue is empty."""
+    subprocess.run(["dvc", "queue", "start", "-j", str(WORKERS)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def queue(phase: str, studies: dict, start: bool = False) -> int:
+    """Queue the phase's runs that are not done; with `start`, the workers start on the first."""
+    todo = plan(phase, studies)
+    for i, (cell, loss, lr, seed) in enumerate(todo):
+        overrides = cell.overrides(studies) | {"teacher.loss": loss, "teacher.optim.lr": lr, "seed": seed}
+        command = ["dvc", "exp", "run", "--queue", "evaluate", *config.override_args(overrides)]
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True, capture_output=True)
+        if start and i == 0:
+            start_workers()
+    print(f"{phase}: queued {len(todo)} runs", flush=True)
+    return len(todo)
+
+
+def wait(poll: float = 60) -> None:
+    """Until the queue is empty, keeping WORKERS workers (one can stop early: DVC's file-system queue
+    occasionally loses a worker)."""
+    while True:
+        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
+        queued, running = status.count(" Queued"), status.count(" Running")
+        if not queued and not running:
+            failed = status.count(" Failed")
+            print(f"queue empty ({failed} failed)" if failed else "queue empty", flush=True)
+            return
+        active = re.search(r"Worker status: (\d+) active", status)
+        workers = int(active.group(1)) if active else 0
+        if queued and workers < WORKERS:
+            start_workers()
+        print(time.strftime("%H:%M:%S"), f"{running} running, {queued} queued", flush=True)
+        time.sleep(poll)
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] != "queue":
+    studies = GPU_STUDIES if "--gpu" in argv else STUDIES
+    argv = [a for a in argv if a != "--gpu"]
+    if chosen := [a for a in argv if a in studies]:  # some of the studies only
+        studies = {k: v for k, v in studies.items() if k in chosen}
+        argv = [a for a in argv if a not in chosen]
+    if argv[:1] == ["run"]:
+        for phase in ("select", "main", "more"):
+            start = time.time()
+            queue(phase, studies, start=True)
+            wait()  # also for runs an earlier invocation queued
+            print(f"{phase}: {time.time() - start:.0f} s", flush=True)
+    elif argv[:1] == ["queue"] and argv[1:] and argv[1] in ("select", "main", "more"):
+        queue(argv[1], studies)
+    elif argv == ["archive"]:
+        subprocess.run(["bayeskd", "compare", "--experiments", "--save-runs", ARCHIVE, "--format", "csv"],
+                       check=True, stdout=subprocess.DEVNULL)
+    else:
         raise SystemExit(__doc__)
-    for study in argv[1:] or list(STUDIES):
-        if study not in STUDIES:
-            raise SystemExit(f"error: no study {study!r}; expected one of {', '.join(STUDIES)}")
-        for command in queue_commands(study):
-            print(" ".join(command), flush=True)
-            subprocess.run(command, check=True)
 
 
 if __name__ == "__main__":

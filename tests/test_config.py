@@ -145,6 +145,31 @@ def test_cross_field_check():
     assert "data.gaussian" in msg and "test split" in msg
 
 
+def test_temperature_scaling_is_refused_without_a_validation_split():
+    def images_without_val(r):
+        r["teacher"]["loss"] = "ce_ts"
+        r["data"]["name"] = "gaussian_images"
+        r["data"]["gaussian_images"]["n_val"] = 0
+
+    msg = error_for(images_without_val)
+    assert msg == ("params.yaml: teacher.loss = 'ce_ts' fits its temperature on the validation split, and "
+                   "data.gaussian_images.n_val = 0 leaves data.name = 'gaussian_images' without one; hold "
+                   "one out, or use teacher.loss ce, mse or ls")
+    assert "data.images.val_fraction = 0.0" in error_for(
+        lambda r: (r["teacher"].update(loss="ce_ts"), r["data"].update(name="cifar100")))
+    r = raw()
+    r["teacher"]["loss"] = "ce_ts"
+    assert config.parse(r).teacher.loss == "ce_ts"  # gaussian always holds a validation split out
+
+
+def test_the_distillation_temperature_of_each_method():
+    student = config.parse(raw()).student
+    temperature = {m: student.model_copy(update={"method": m}).temperature() for m in config.METHODS}
+    assert temperature["kd"] == student.kd.temperature and temperature["dist"] == student.dist.tau
+    assert temperature["dkd"] == student.dkd.temperature
+    assert {m for m, t in temperature.items() if t is None} == set(config.METHODS) - {"kd", "dkd", "dist"}
+
+
 def test_missing_key():
     msg = error_for(lambda r: r["export"].pop("opset"))
     assert "export.opset: missing" in msg

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bayeskd import calibration, nets
 from bayeskd.datasets.gaussian import gaussian_bcpd
 from bayeskd.losses import TEACHER_LOSSES, ce, ls, mse
 
@@ -92,3 +93,41 @@ def test_mse_minimiser_approaches_bcpd_with_many_samples():
     few, many = fit_linear_mse(200), fit_linear_mse(50_000)
     assert many < 2e-3
     assert many < few / 5
+
+
+def test_temperature_scaling_recovers_the_temperature_of_overconfident_logits():
+    """Labels drawn from softmax(z), logits given as 2.5 z: the fitted T is 2.5 (to sampling error),
+    the validation NLL falls, and no prediction changes."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(20_000, 5)) * 1.5
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])
+    t = calibration.fit_temperature(2.5 * z, y)
+    assert t == pytest.approx(2.5, rel=0.03)
+    assert calibration.nll(2.5 * z, y, t) < calibration.nll(2.5 * z, y) - 0.1
+    assert calibration.nll(2.5 * z, y, t) == pytest.approx(calibration.nll(z, y), abs=2e-3)
+    assert calibration.fit_temperature(z, y) == pytest.approx(1.0, rel=0.03)
+
+
+@pytest.mark.parametrize("net, shape", [("mlp_teacher", (30,)), ("cnn_teacher", (1, 8, 8)),
+                                        ("resnet8", (3, 32, 32)), ("wrn_16_1", (3, 32, 32))])
+def test_folding_the_temperature_divides_the_logits(net, shape):
+    torch.manual_seed(0)
+    model = nets.build(net, 10, shape, {"mean": [0.5] * 3, "std": [0.25] * 3} if len(shape) == 3
+                       and shape[0] == 3 else None).eval()
+    x = torch.rand(8, *shape)
+    with torch.no_grad():
+        before = model(x)
+        calibration.fold_temperature(model, 2.5, x)
+        torch.testing.assert_close(model(x), before / 2.5, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_refuses_a_net_whose_last_linear_layer_is_not_its_logit_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softplus(), torch.nn.Linear(4, 3),
+                                torch.nn.LayerNorm(3)).eval()
+    x = torch.rand(5, 4)
+    with torch.no_grad():
+        before = model(x)
+        with pytest.raises(ValueError, match="does not give its logits"):
+            calibration.fold_temperature(model, 2.0, x)
+        torch.testing.assert_close(model(x), before)  # left as it was

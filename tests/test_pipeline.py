@@ -10,8 +10,11 @@ import pytest
 import torch
 import yaml
 
-from bayeskd import nets
+from bayeskd import calibration, data, nets
+from bayeskd.cache import IDENTITY, LogitCache
+from bayeskd.io import sha256_file
 from bayeskd.report import runs_in
+from bayeskd.train import predict
 from conftest import BIN, run, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -21,8 +24,11 @@ def test_repro_then_mse_experiment(built):
     """`dvc repro` of the default (the shared built project), then an MSE experiment beside it."""
     project = built
     metrics = json.loads((project / "reports/metrics.json").read_text())
+    test_split = {"accuracy", "nll", "ece", "brier", "bcpd_mse", "val_accuracy", "val_nll"}
+    transfer_set = {"train_accuracy", "transfer_bcpd_mse", "transfer_bcpd_mse_at_t", "plateau"}
+    assert set(metrics["teacher"]) == test_split | transfer_set and set(metrics["student"]) == test_split
+    assert metrics["distill_temperature"] == 4.0
     for role in ("teacher", "student"):
-        assert set(metrics[role]) == {"accuracy", "nll", "ece", "brier", "bcpd_mse"}
         assert 0.15 < metrics[role]["accuracy"] <= 1  # chance is 0.1
     assert 0 <= metrics["agreement"] <= 1 and 0.4 < metrics["bayes_accuracy"] < 0.8
     exported = json.loads((project / "reports/export.json").read_text())
@@ -67,7 +73,31 @@ def test_repro_then_mse_experiment(built):
 
     bad = run(["dvc", "exp", "run", "-S", "teacher.loss=hinge"], project, check=False)
     assert bad.returncode != 0
-    assert "teacher.loss = 'hinge': not allowed; expected 'ce', 'mse' or 'ls'" in bad.stdout + bad.stderr
+    expected = "teacher.loss = 'hinge': not allowed; expected 'ce', 'mse', 'ls' or 'ce_ts'"
+    assert expected in bad.stdout + bad.stderr
+
+
+def test_temperature_scaled_teacher_reaches_the_cache_and_evaluate(project):
+    """teacher.loss=ce_ts: CE, then T fitted on the validation split and folded into the weights. The
+    saved teacher is the calibrated one (fitting T again on its validation logits gives 1), the
+    logit cache holds its logits, and evaluate reports T and the transfer-set metrics."""
+    run(["dvc", "exp", "run", "evaluate", "-S", "teacher.loss=ce_ts"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    temperature = metrics["teacher"]["calibration_temperature"]
+    assert 0.2 < temperature < 5 and abs(temperature - 1) > 1e-3
+    ds = data.load(project / "data/prepared", ("train", "val"))
+    weights = project / "models/teacher.safetensors"
+    teacher = nets.load_weights(nets.build("mlp_teacher", 10, ds.in_shape), weights)
+    val = ds.splits["val"]
+    logits = predict(teacher, torch.from_numpy(val.x)).numpy()
+    assert calibration.fit_temperature(logits, val.y) == pytest.approx(1.0, abs=1e-3)
+    assert metrics["teacher"]["val_nll"] == pytest.approx(calibration.nll(logits, val.y), rel=1e-6)
+    train = torch.from_numpy(ds.splits["train"].x)
+    cache = LogitCache(project / "cache/teacher_logits", num_samples=len(train), num_classes=10,
+                       teacher_sha256=sha256_file(weights), augmentation=IDENTITY)
+    cached = cache.logits(torch.arange(len(train)))
+    torch.testing.assert_close(cached.float(), predict(teacher, train), atol=2e-2, rtol=1e-3)  # float16
+    assert {"transfer_bcpd_mse", "transfer_bcpd_mse_at_t"} <= set(metrics["teacher"])
 
 
 def test_killed_stage_resumes_bit_identical(project):

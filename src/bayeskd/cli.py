@@ -11,21 +11,34 @@ import warnings
 from pathlib import Path
 
 from bayeskd import config, defaults, integrity, report
+from bayeskd.io import write_text
 
 MARKER = "<!-- bayeskd-metrics-diff -->"
 
 
 def compare(args: argparse.Namespace) -> str:
-    if args.remote:
-        report.pull_experiments(args.remote, args.repo, tuple(args.revs), args.all_commits)
-    runs = report.collect(args.repo, tuple(args.revs), args.all_commits)
+    if args.runs:
+        if args.revs or args.all_commits or args.save_runs or args.remote:
+            raise config.ParamsError("--runs reads an archive: it takes no revisions, --all-commits, "
+                                     "--save-runs or --remote")
+        runs = report.read_runs(args.runs)
+    else:
+        if args.remote:
+            report.pull_experiments(args.remote, args.repo, tuple(args.revs), args.all_commits)
+        runs = report.collect(args.repo, tuple(args.revs), args.all_commits)
+    if args.experiments:
+        runs = [r for r in runs if r.origin.startswith("experiments of ")]
     if not runs:
         raise SystemExit("error: no runs with reports/metrics.json found; run `dvc repro` or "
                          "`dvc exp run` first")
+    if args.save_runs:
+        write_text(args.save_runs, report.runs_csv(report.unique(runs)))
+        print(f"wrote {args.save_runs}", file=sys.stderr)
+    select = report.Selection.parse(args.select) if args.select else None
     if args.plot:
-        png = report.plot(runs, args.plot)
+        png = report.plot(runs, args.plot, select)
         print(f"wrote {png} and {args.plot}/points.csv", file=sys.stderr)
-    return report.FORMATS[args.format](report.summarise(runs))
+    return report.FORMATS[args.format](report.summarise(runs, select), wide=args.wide)
 
 
 def _table(markdown: str) -> str:
@@ -57,7 +70,6 @@ def params(args: argparse.Namespace) -> str:
         return synced
     if synced == text:
         return f"{path}: every section holds what the declarations give\n"
-    from bayeskd.io import write_text
 
     write_text(path, synced)
     return f"{path}: the methods' and datasets' sections now hold what the declarations give\n"
@@ -90,9 +102,8 @@ def diff(args: argparse.Namespace) -> str:
         "", "### Parameters", "", params or "No parameter changed.",
         "", "### Metrics", "", metrics or "No metric changed.",
         "", "### CE- vs MSE-trained teachers", "",
-        report.to_markdown(report.summarise(runs)) if runs else "No runs with metrics.",
-        "Intervals: 95% Student-t over the paired seeds; none is shown for a single seed.",
-    ]) + "\n"
+        report.to_markdown(report.summarise(runs)) if runs else "No runs with metrics.\n",
+    ])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,8 +116,18 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: the workspace and all experiments of HEAD)")
     c.add_argument("-A", "--all-commits", action="store_true", help="read every commit")
     c.add_argument("--format", choices=sorted(report.FORMATS), default="table")
-    c.add_argument("--plot", metavar="DIR", help="also write DIR/student_vs_teacher.png and "
-                   "DIR/points.csv")
+    c.add_argument("--wide", action="store_true", help="every column, intervals as [low, high] (the "
+                   "default table fits 120 characters)")
+    c.add_argument("--experiments", action="store_true", help="only DVC experiments, not the workspace "
+                   "or the commits themselves")
+    c.add_argument("--select", metavar="PARAM:METRIC", help="choose PARAM per configuration and teacher "
+                   "loss: the value whose runs have the lowest mean METRIC over the seeds all values "
+                   "share, e.g. teacher.optim.lr:teacher.val_nll")
+    c.add_argument("--save-runs", metavar="CSV", help="also write every run (its varied parameters, "
+                   "seed and metrics) to CSV, an archive that --runs reads")
+    c.add_argument("--runs", metavar="CSV", help="read the runs from such an archive instead of DVC")
+    c.add_argument("--plot", metavar="DIR", help="also write DIR/student_vs_teacher.png, "
+                   "DIR/gain_vs_gap.png and DIR/points.csv")
     c.add_argument("--remote", metavar="GIT_REMOTE", help="first fetch the experiments of these "
                    "revisions from a git remote, e.g. origin (`dvc exp pull`)")
     c.set_defaults(run=compare)
@@ -141,8 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(args.run(args))
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
-    except config.ParamsError as e:
+    except (config.ParamsError, report.ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        print(f"error: cannot read or write {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -34,7 +34,9 @@ PARAMS_FILE = "params.yaml"
 PACKAGE = Path(__file__).parent
 VALIDATED_FILE = "reports/params.validated.json"  # check_params' digest of the params.yaml it validated
 
-TEACHER_LOSSES = ("ce", "mse", "ls")
+TEACHER_LOSSES = ("ce", "mse", "ls", "ce_ts")
+# trained with CE, then temperature-scaled on the validation split (bayeskd.calibration)
+TEMPERATURE_SCALED = ("ce_ts",)
 DEVICES = ("auto", "cpu", "cuda")  # compute.device (bayeskd.placement)
 NETS: dict[str, declare.NetDecl] = declare.scan(PACKAGE / "zoo", declare.net)
 METHODS: dict[str, declare.MethodDecl] = declare.scan(PACKAGE / "methods", declare.method)
@@ -73,6 +75,14 @@ def _sections() -> dict[str, type[Section]]:
 
 class _DataChecks(Section):
     """The checks of `Data` that ask the dataset's declaration."""
+
+    def no_validation_split(self) -> str | None:
+        """The key and value that leave this dataset without a validation split; None if it has one."""
+        if self.name == "gaussian_images" and self.gaussian_images.n_val == 0:
+            return "data.gaussian_images.n_val = 0"
+        if self.name in ("cifar10", "cifar100", "imagefolder") and self.images.val_fraction == 0:
+            return "data.images.val_fraction = 0.0"
+        return None  # gaussian and digits always hold one out
 
     @model_validator(mode="after")
     def _views_need_images(self) -> _DataChecks:
@@ -142,6 +152,11 @@ _MethodSections = create_model("MethodSections", __base__=Section,
                                **{name: (section, section()) for name, section in _METHOD_SECTIONS.items()})
 
 
+# The methods whose target is the teacher's softened output softmax(z / T) on its raw logits, and
+# the name of their T: the temperature at which `evaluate` measures the teacher on the transfer set.
+SOFTENED = {"kd": "temperature", "dkd": "temperature", "dist": "tau"}
+
+
 class Student(_MethodSections):
     """The student's net, its distillation method, and each method's hyperparameters under
     `student.<method>` (only the chosen method's are used)."""
@@ -154,6 +169,12 @@ class Student(_MethodSections):
         """The chosen method's hyperparameters."""
         section = getattr(self, self.method, None)
         return section.model_dump() if section is not None else {}
+
+    def temperature(self) -> float | None:
+        """The temperature T at which the method softens the teacher's logits, softmax(z / T); None
+        for a method that does not (labels only, feature methods, standardised logits)."""
+        key = SOFTENED.get(self.method)
+        return None if key is None else float(self.hparams()[key])
 
 
 class Cache(Section):
@@ -200,6 +221,15 @@ class Params(Section):
         if k and known is not None and k >= known:
             raise ValueError(f"cache.topk = {k}: must be below the {known} classes of data.name = "
                              f"{self.data.name!r} (0 stores all logits)")
+        return self
+
+    @model_validator(mode="after")
+    def _temperature_scaling_needs_validation(self) -> Params:
+        missing = self.data.no_validation_split()
+        if self.teacher.loss in TEMPERATURE_SCALED and missing:
+            raise ValueError(f"teacher.loss = {self.teacher.loss!r} fits its temperature on the validation "
+                             f"split, and {missing} leaves data.name = {self.data.name!r} without one; "
+                             "hold one out, or use teacher.loss ce, mse or ls")
         return self
 
 

@@ -29,7 +29,8 @@ def ls(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-TEACHER_LOSSES = {"ce": ce, "mse": mse, "ls": ls}
+# ce_ts trains with CE; the train_teacher stage then fits its temperature (bayeskd.calibration)
+TEACHER_LOSSES = {"ce": ce, "mse": mse, "ls": ls, "ce_ts": ce}
 config.check_registry("teacher loss", config.TEACHER_LOSSES, TEACHER_LOSSES)
 
 

@@ -47,19 +47,34 @@ class WeightsError(Failure):
     """A weights file is missing, damaged, or holds another net's weights."""
 
 
-def save_weights(model: nn.Module, path: str | Path) -> None:
-    save_tensors(model.state_dict(), path)
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """The model's tensors as safetensors, with `metadata` (strings) in the file's header."""
+    save_tensors(model.state_dict(), path, metadata)
 
 
-def save_tensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Tensors (a state dict) as safetensors, with the sha256 of the tensors in the metadata."""
+def save_tensors(state: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Tensors (a state dict) as safetensors, with `metadata` and the sha256 of the tensors in the
+    file's header."""
     from safetensors.torch import save
 
     from bayeskd.io import atomic_path
 
     digest, _ = integrity.weights_digests(save(state))
     with atomic_path(path) as tmp:
-        tmp.write_bytes(save(state, metadata={integrity.DIGEST_KEY: digest}))
+        tmp.write_bytes(save(state, metadata={**(metadata or {}), integrity.DIGEST_KEY: digest}))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata that save_weights wrote into a weights file's header ({} if none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # as in read_weights: safetensors raises several kinds
+        raise WeightsError(f"cannot read {path}: {str(e).splitlines()[0][:200] or type(e).__name__}; "
+                           f"{integrity.remedy(path)}") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
