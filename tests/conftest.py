@@ -19,6 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the environment's python and dvc
 
 
+# The modules of the longest tests (per `pytest --durations`), run first, then the other slow tests,
+# the unit tests last: under pytest-xdist a long test that starts last leaves the other workers idle.
+LONGEST_FIRST = ("test_compare.py", "test_team.py", "test_tracking.py", "test_flows.py",
+                 "test_methods_pipeline.py", "test_synthetic.py", "test_datasets.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> tuple[bool, int]:
+        name = item.path.name
+        return (item.get_closest_marker("slow") is None,
+                LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
+
+    items.sort(key=rank)
+
+
 def tiny_params(**overrides) -> dict:
     """The project's params.yaml shrunk so a whole pipeline run takes seconds."""
     p = yaml.safe_load((ROOT / "params.yaml").read_text())

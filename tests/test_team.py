@@ -95,6 +95,10 @@ def test_team_stack_compares_on_two_workers_and_a_fresh_clone_sees_it_all(projec
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=["bayeskd-comparison"])))
         assert found and "CE vs MSE" in found[-1].data
+        published = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["bayeskd-metrics"])))  # each variant's flow run publishes its metrics
+        shown = {n for n in names for a in published if n in a.data and "| teacher.bcpd_mse |" in a.data}
+        assert shown == names
     # each worker took one variant, in a clone of the origin of its own
     for name in ("w1", "w2"):
         log = (logs / f"{name}.log").read_text()
