@@ -1,5 +1,8 @@
-"""`bayeskd compare` and `bayeskd diff` on a real project: a commit, a queued CE/MSE seed sweep, a
-second commit; with the MLflow store that the runs filled."""
+"""`bayeskd compare` and `bayeskd diff` on a real project: a commit, a CE/MSE seed sweep (an
+experiment in the workspace, the rest queued), a second commit; and the MLflow store that the runs
+filled: one run per execution of the pipeline, complete where its last stage runs (also where DVC
+restored the training stages from its run cache, and the run says so), with the curves of what it
+retrained where the last stage has nothing to do; only runs of main register a model."""
 
 import csv
 import io
@@ -13,6 +16,7 @@ import yaml
 
 from bayeskd import tracking
 from conftest import commit_all, run, wait_for_queue
+from services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +27,84 @@ def files_at(project, ref):
     return yaml.safe_load(show("params.yaml")), json.loads(show("reports/metrics.json"))
 
 
-def test_seed_sweep_compare_diff_and_tracking(built):
-    project = built  # `dvc repro` ran and was committed
-    first = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+def runs_of(project):
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    found = client.search_runs([experiment.experiment_id]) if experiment else []
+    return client, found
 
-    run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce,mse", "-S", "seed=0,1"], project)
+
+def assert_complete(client, runs, epochs):
+    """Each run has the test metrics, the curves of every epoch (1..epochs), and its logged model."""
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["git.branch"] == "main"
+        assert {"teacher.accuracy", "student.accuracy", "agreement"} <= set(r.data.metrics)
+        for role in ("teacher", "student"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, f"{role}/val/acc")]
+            assert steps == list(range(1, epochs[role] + 1))
+        assert client.search_logged_models([r.info.experiment_id],
+                                           filter_string=f"source_run_id = '{r.info.run_id}'")
+
+
+def registered(client, run):
+    return [int(v.version) for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+
+
+def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
+    project = built  # `dvc repro` ran on main and was committed ("ce baseline")
+    first = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    epochs = {role: params[role]["optim"]["epochs"] for role in ("teacher", "student")}
+    client, logged = runs_of(project)
+    assert len(logged) == 1
+    assert_complete(client, logged, epochs)
+    assert registered(client, logged[0]) == [1]
+    assert client.get_registered_model(tracking.MODEL_NAME).aliases == {"main": 1}
+    assert not (project / tracking.RUN_FILE).exists()
+
+    # the sweep: (mse, 0) in the workspace, an override, so it registers nothing
+    run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
+    client, logged = runs_of(project)
+    mse = next(r for r in logged if r.data.params["teacher.loss"] == "mse")
+    assert len(logged) == 2 and registered(client, mse) == []
+    # the rest queued, each run in a temporary copy of the workspace, whose dvc.lock is now the MSE
+    # variant's. (ce, 0) is main's own configuration at main's tip: DVC restores its teacher and
+    # student from its run cache, the stages with persistent outputs or outputs in git run, the last
+    # one too; one more run, complete, that says where its models come from, and it registers
+    for loss, seed in (("ce", 0), ("ce", 1), ("mse", 1)):
+        run(["dvc", "exp", "run", "--queue", "-S", f"teacher.loss={loss}", "-S", f"seed={seed}"], project)
     run(["dvc", "queue", "start"], project)
-    wait_for_queue(project, 600)
-    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
+    status = wait_for_queue(project, 600)
+    assert status.count("Success") == 3, status
+    listed = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
+    refs = [r for r in listed if not r.startswith("refs/exps/exec/")]  # (DVC's own: EXEC_HEAD)
     exp_names = {r.rsplit("/", 1)[1] for r in refs}
     assert len(exp_names) == 4
+    variant = {}  # (loss, seed) -> experiment name
+    for ref in refs:
+        p, _ = files_at(project, ref)
+        variant[p["teacher"]["loss"], p["seed"]] = ref.rsplit("/", 1)[1]
+    log = run(["dvc", "queue", "logs", variant["ce", 0]], project).stdout
+    for stage in ("train_teacher", "distill"):
+        assert f"Stage '{stage}' is cached - skipping run" in log, log
+    assert "Running stage 'export_onnx'" in log, log
+    client, logged = runs_of(project)
+    assert len(logged) == 5
+    assert_complete(client, logged, epochs)
+    by_exp = {r.data.tags["dvc.experiment"]: r for r in logged}
+    restored = by_exp[variant["ce", 0]]
+    assert restored.data.tags[tracking.RESTORED_TAG] == "teacher,student"
+    assert "Not trained in this execution" in restored.data.tags["mlflow.note.content"]
+    assert registered(client, restored) == [2]
+    assert all(registered(client, by_exp[variant[v]]) == [] for v in variant if v != ("ce", 0))
+
+    # back to HEAD, as the README says: the MSE teacher's curve that git does not know goes too
+    run(["git", "checkout", "--", "."], project)
+    run(["git", "clean", "-fdq", "dvclive"], project)
+    run(["dvc", "checkout", "--force"], project)
+    assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
+    assert run(["git", "status", "--porcelain"], project).stdout == ""
 
     accuracy, ece = {}, {}  # (loss, seed) -> student accuracy; ce seed -> teacher ECE (git's files)
     for ref in [first, *refs]:
@@ -75,6 +147,28 @@ def test_seed_sweep_compare_diff_and_tracking(built):
     evaluate.write_text(code)
     run(["dvc", "repro"], project)
 
+    # a change of the training code that does not change the results: teacher and student are
+    # retrained, bit for bit the same, live in a run of their own, and the last stage does not run
+    before = len(runs_of(project)[1])
+    losses = project / "src/bayeskd/losses.py"
+    losses.write_text(losses.read_text() + "\n# a comment\n")
+    assert "Running stage 'train_teacher'" in run(["dvc", "repro"], project).stdout
+    client, logged = runs_of(project)
+    assert len(logged) == before + 1
+    retrained = max(logged, key=lambda r: r.info.start_time)
+    assert retrained.info.status == "FINISHED" and "student.accuracy" not in retrained.data.metrics
+    assert [m.step for m in client.get_metric_history(retrained.info.run_id, "student/val/acc")] == [
+        *range(1, epochs["student"] + 1)]
+    assert registered(client, retrained) == []
+
+    # tracking that fails costs no output: the last stage still writes them and succeeds
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    result = run(["dvc", "repro", "--force", "--single-item", "export_onnx"], project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert "MLflow tracking off" in result.stderr + result.stdout
+    assert json.loads((project / "reports/export.json").read_text())["student"]["max_abs_diff"] <= 1e-4
+    assert len(runs_of(project)[1]) == before + 1
+
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["student"]["method"] = "none"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -88,14 +182,14 @@ def test_seed_sweep_compare_diff_and_tracking(built):
     metrics_section = md.split("### Metrics")[1].split("### CE-")[0]
     assert "student.accuracy" in metrics_section
     table = md.split("### CE- vs MSE-trained teachers")[1]
-    assert "student.method=kd" in table and "student.method=none" in table
+    assert "-> mlp_student (kd)" in table and "-> mlp_student (none)" in table  # the configurations
 
     # MLflow: the queued runs, executed in temporary copies, logged into the project's store
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     logged = client.search_runs([experiment.experiment_id])
     tagged = {r.data.tags["dvc.experiment"] for r in logged}
-    assert "" in tagged and len(tagged & exp_names) >= 3  # (ce, 0) is the baseline: nothing reruns
+    assert "" in tagged and exp_names <= tagged
     alias = client.get_model_version_by_alias(tracking.MODEL_NAME, "main")
     latest_main = client.get_run(alias.run_id)
     assert latest_main.data.tags["dvc.experiment"] == ""

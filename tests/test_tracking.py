@@ -1,6 +1,5 @@
 import json
 import signal
-import socket
 import subprocess
 import sys
 
@@ -10,13 +9,8 @@ import torch
 import yaml
 
 from bayeskd import export, nets, tracking
-from conftest import ROOT, run, wait_for_queue
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import ROOT, run
+from services import free_port
 
 
 def git_commit(repo, message="x", paths=("-A",)):
@@ -222,89 +216,3 @@ def test_unreachable_server_warns_once_and_loses_nothing(repo, monkeypatch, caps
         r.log_restored_curves({"teacher": repo / "dvclive/teacher"})
     assert not r.active
     assert capsys.readouterr().err.count("warning: MLflow tracking off") == 1
-
-
-def runs_of(project):
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    found = client.search_runs([experiment.experiment_id]) if experiment else []
-    return client, found
-
-
-def assert_complete(client, runs, epochs):
-    """Each run has the test metrics, the curves of every epoch (1..epochs), and its logged model."""
-    for r in runs:
-        assert r.info.status == "FINISHED" and r.data.tags["git.branch"] == "main"
-        assert {"teacher.accuracy", "student.accuracy", "agreement"} <= set(r.data.metrics)
-        for role in ("teacher", "student"):
-            steps = [m.step for m in client.get_metric_history(r.info.run_id, f"{role}/val/acc")]
-            assert steps == list(range(1, epochs[role] + 1))
-        assert client.search_logged_models([r.info.experiment_id],
-                                           filter_string=f"source_run_id = '{r.info.run_id}'")
-
-
-def registered(client, run):
-    return [int(v.version) for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
-
-
-@pytest.mark.slow
-def test_every_execution_logs_one_run_complete_or_of_what_it_trained(built, monkeypatch):
-    """One MLflow run per execution of the pipeline: complete where the last stage runs, also where
-    DVC restored the training stages from its run cache (and the run says so); with the curves of
-    what it retrained where the last stage has nothing to do. Only runs of main register a model."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
-    project = built  # `dvc repro` ran on main and was committed ("ce baseline")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    epochs = {role: params[role]["optim"]["epochs"] for role in ("teacher", "student")}
-    client, logged = runs_of(project)
-    assert len(logged) == 1
-    assert_complete(client, logged, epochs)
-    assert registered(client, logged[0]) == [1]
-    assert client.get_registered_model(tracking.MODEL_NAME).aliases == {"main": 1}
-    assert not (project / tracking.RUN_FILE).exists()
-
-    run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
-    client, logged = runs_of(project)
-    mse = next(r for r in logged if r.data.params["teacher.loss"] == "mse")
-    assert len(logged) == 2 and registered(client, mse) == []  # an override: not a run of main
-
-    # the CE baseline again, queued (run in a temporary copy of the workspace, whose dvc.lock is the
-    # MSE variant's): DVC restores the teacher and the student from its run cache; the stages with
-    # persistent outputs or outputs in git run again, the last one too: one more run, complete, that
-    # says where its models come from; main's own configuration at main's tip, so it registers
-    run(["dvc", "exp", "run", "--queue", "-S", "teacher.loss=ce"], project)
-    run(["dvc", "queue", "start"], project)
-    task = wait_for_queue(project, 300).splitlines()[1].split()
-    assert task[-1] == "Success", task
-    log = run(["dvc", "queue", "logs", task[0]], project).stdout
-    for stage in ("train_teacher", "distill"):
-        assert f"Stage '{stage}' is cached - skipping run" in log, log
-    assert "Running stage 'export_onnx'" in log, log
-    client, logged = runs_of(project)
-    assert len(logged) == 3
-    assert_complete(client, logged, epochs)
-    restored = next(r for r in logged if r.data.tags.get(tracking.RESTORED_TAG))
-    assert restored.data.tags[tracking.RESTORED_TAG] == "teacher,student"
-    assert "Not trained in this execution" in restored.data.tags["mlflow.note.content"]
-    assert registered(client, restored) == [2]
-
-    # a change of the training code that does not change the results: teacher and student are
-    # retrained, bit for bit the same, live in a run of their own, and the last stage does not run
-    losses = project / "src/bayeskd/losses.py"
-    losses.write_text(losses.read_text() + "\n# a comment\n")
-    assert "Running stage 'train_teacher'" in run(["dvc", "repro"], project).stdout
-    client, logged = runs_of(project)
-    assert len(logged) == 4
-    retrained = max(logged, key=lambda r: r.info.start_time)
-    assert retrained.info.status == "FINISHED" and "student.accuracy" not in retrained.data.metrics
-    assert [m.step for m in client.get_metric_history(retrained.info.run_id, "student/val/acc")] == [
-        *range(1, epochs["student"] + 1)]
-    assert registered(client, retrained) == []
-
-    # tracking that fails costs no output: the last stage still writes them and succeeds
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    result = run(["dvc", "repro", "--force", "--single-item", "export_onnx"], project)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert "MLflow tracking off" in result.stderr + result.stdout
-    assert json.loads((project / "reports/export.json").read_text())["student"]["max_abs_diff"] <= 1e-4
-    assert len(runs_of(project)[1]) == 4
