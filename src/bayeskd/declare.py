@@ -44,6 +44,14 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+def fractions_leave(section: BaseModel, a: str, b: str, remains: str) -> None:
+    """ValueError unless the fractions `a` + `b` of a section sum below 1, so that `remains` (the
+    split neither takes) is left."""
+    total = getattr(section, a) + getattr(section, b)
+    if total >= 1:
+        raise ValueError(f"{a} + {b} = {total}: must be below 1 so that a {remains} split remains")
+
+
 def bounded(low: int, high: int, why: str) -> type[int]:
     """An int in [low, high]: bounds that catch typos (a runaway value starts runaway work); the
     error names the range and `why`."""

@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import model_validator
 
 from bayeskd.datasets.base import Dataset, Split
-from bayeskd.declare import Fraction, Section, dataset
+from bayeskd.declare import Fraction, Section, dataset, fractions_leave
 
 
 class Digits(Section):
@@ -15,11 +15,7 @@ class Digits(Section):
 
     @model_validator(mode="after")
     def _train_split_left(self) -> Digits:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction}: "
-                "must be below 1 so that a training split remains"
-            )
+        fractions_leave(self, "val_fraction", "test_fraction", "training")
         return self
 
 

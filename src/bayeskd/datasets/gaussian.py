@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from bayeskd.datasets.base import Dataset, Split
-from bayeskd.declare import Fraction, PositiveInt, Section, bounded, dataset
+from bayeskd.declare import Fraction, PositiveInt, Section, bounded, dataset, fractions_leave
 
 
 class Gaussian(Section):
@@ -21,11 +21,7 @@ class Gaussian(Section):
 
     @model_validator(mode="after")
     def _test_split_left(self) -> Gaussian:
-        if self.train_fraction + self.val_fraction >= 1:
-            raise ValueError(
-                f"train_fraction + val_fraction = {self.train_fraction + self.val_fraction}: "
-                "must be below 1 so that a test split remains"
-            )
+        fractions_leave(self, "train_fraction", "val_fraction", "test")
         n = self.n_samples
         n_train, n_val = round(self.train_fraction * n), round(self.val_fraction * n)  # as make_gaussian
         sizes = {"training": n_train, "validation": n_val, "test": n - n_train - n_val}
