@@ -68,10 +68,13 @@ def _stopped(signum: int, frame: object) -> None:
 
 
 def params() -> config.Params:
-    """params.yaml, validated; under DVC, the one check_params validated for this run (bayeskd.runs)."""
+    """params.yaml, validated; under DVC, the one check_params validated for this run (bayeskd.runs).
+    torch then uses compute.threads CPU threads, whatever OMP_NUM_THREADS says: a CPU computation
+    rounds differently at another thread count, so the count is a parameter."""
     p, digest = config.load_digest_or_exit()
     if runs.under_dvc() and (why := runs.problem(digest)):
         fail(why)
+    torch.set_num_threads(p.compute.threads)
     return p
 
 

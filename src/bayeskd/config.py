@@ -191,6 +191,7 @@ class Compute(Section):
     device: Literal[DEVICES]  # where every stage runs: auto (CUDA when present), cpu or cuda
     processes: Annotated[int, Field(ge=1, le=64)]  # training processes per stage (torchrun, DDP)
     compile: bool  # torch.compile the training forward
+    threads: bounded(1, 1024, "more is taken for a typo")  # torch's CPU threads in each stage process
 
 
 class Evaluate(Section):
