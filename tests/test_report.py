@@ -252,14 +252,14 @@ def test_a_damaged_archive_is_one_error_line(tmp_path, capsys, text):
     assert "error: cannot read or write" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="the effect map's study has not run yet: docs/effect-map.md holds no "
-                   "table recomputed from an archive (strict: once it does, this marker must go)")
-def test_the_effect_map_in_the_docs_is_recomputed_from_the_archived_runs(monkeypatch, capsys):
-    """Every table of docs/effect-map.md is the output of the `bayeskd compare --runs ...` command
-    written above it, run on the CSV archive in reports/: each of its numbers recomputed."""
+@pytest.mark.parametrize("page", ["README.md", "docs/effect-map.md"])
+def test_the_result_tables_are_recomputed_from_the_archived_runs(page, monkeypatch, capsys):
+    """Every result table of the README and the effect map is the output of the `bayeskd compare
+    --runs ...` command written above it, run on a CSV archive of runs in reports/: each of its
+    numbers recomputed from the runs' own metrics."""
     from bayeskd import cli
 
-    doc = (ROOT / "docs/effect-map.md").read_text()
+    doc = (ROOT / page).read_text()
     tables = re.findall(r"<!-- recomputed by tests/test_report.py: (bayeskd compare --runs [^>]*) -->\n"
                         r"(.*?)<!-- end of table -->", doc, re.S)
     assert tables
