@@ -53,7 +53,8 @@ paired 95% t-intervals, and Holm's correction over all its paired comparisons.
 
     python studies/effect_map.py run [gaussian] [images] [--gpu]   # every phase, waiting for the queue
     python studies/effect_map.py queue PHASE [gaussian] [images]   # one phase: select, main or more
-    python studies/effect_map.py archive          # reports/effect_map/runs.csv from the experiments
+    python studies/effect_map.py archive [--main] # reports/effect_map/runs.csv from the experiments
+                                                  # (--main: seeds 0, 1, 2 only)
 
 A phase queues only the runs that are neither done nor queued, so `run` resumes where it stopped.
 
@@ -62,6 +63,7 @@ Run it in a clone of its own with OMP_NUM_THREADS=1: two queue workers share two
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import statistics
@@ -229,6 +231,16 @@ def wait(poll: float = 60) -> None:
         time.sleep(poll)
 
 
+def keep_seeds(archive: str, seeds: tuple[int, ...]) -> None:
+    """Drops the archive's runs of other seeds (the main phase's seeds: a table while the more
+    phase runs)."""
+    with open(archive, newline="") as f:
+        rows = list(csv.reader(f))
+    seed = rows[0].index("params.seed")
+    with open(archive, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([rows[0], *(r for r in rows[1:] if int(r[seed]) in seeds)])
+
+
 def main(argv: list[str]) -> None:
     studies = GPU_STUDIES if "--gpu" in argv else STUDIES
     argv = [a for a in argv if a != "--gpu"]
@@ -243,9 +255,11 @@ def main(argv: list[str]) -> None:
             print(f"{phase}: {time.time() - start:.0f} s", flush=True)
     elif argv[:1] == ["queue"] and argv[1:] and argv[1] in ("select", "main", "more"):
         queue(argv[1], studies)
-    elif argv == ["archive"]:
+    elif argv[:1] == ["archive"] and argv[1:] in ([], ["--main"]):
         subprocess.run(["bayeskd", "compare", "--experiments", "--save-runs", ARCHIVE, "--format", "csv"],
                        check=True, stdout=subprocess.DEVNULL)
+        if argv[1:] == ["--main"]:
+            keep_seeds(ARCHIVE, SEEDS)
     else:
         raise SystemExit(__doc__)
 

@@ -52,6 +52,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
+def start_queue(project: Path) -> None:
+    """`dvc queue start`, returning at once: the worker it starts holds on to the output pipes it
+    inherits until the queue is empty, so its output goes nowhere (then `wait_for_queue`)."""
+    env = os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"]}
+    subprocess.run(["dvc", "queue", "start"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=120)
+
+
 def wait_for_queue(project: Path, timeout: float) -> str:
     """Until `dvc queue status` shows nothing queued or running (each call costs a second of CPU, so
     every 10 s); returns that last status."""

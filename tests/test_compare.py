@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bayeskd import tracking
-from conftest import commit_all, run, wait_for_queue
+from conftest import commit_all, run, start_queue, wait_for_queue
 from services import free_port
 
 pytestmark = pytest.mark.slow
@@ -74,8 +74,8 @@ def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
     # one too; one more run, complete, that says where its models come from, and it registers
     for loss, seed in (("ce", 0), ("ce", 1), ("mse", 1)):
         run(["dvc", "exp", "run", "--queue", "-S", f"teacher.loss={loss}", "-S", f"seed={seed}"], project)
-    run(["dvc", "queue", "start"], project)
-    status = wait_for_queue(project, 600)
+    start_queue(project)
+    status = wait_for_queue(project, 1200)
     assert status.count("Success") == 3, status
     listed = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
     refs = [r for r in listed if not r.startswith("refs/exps/exec/")]  # (DVC's own: EXEC_HEAD)

@@ -34,3 +34,14 @@ def test_budgets_vary_the_epochs_only():
     assert overfit["teacher.optim.epochs"] == 2 * converged["teacher.optim.epochs"]
     assert [m / e for b in budgets.values() for m, e in [(b["teacher.optim.milestones"][0],
                                                           b["teacher.optim.epochs"])]] == [0.75, 0.75]
+
+
+def test_archive_of_the_main_phase_keeps_its_seeds_only(tmp_path):
+    from bayeskd import report
+
+    archive = tmp_path / "runs.csv"
+    archive.write_text("rev,origin,params.seed,params.teacher.loss,metrics.student.accuracy\n"
+                       "a,o,0,ce,0.5\nb,o,3,ce,0.6\nc,o,2,mse,0.7\nd,o,4,mse,0.8\n")
+    effect_map.keep_seeds(str(archive), effect_map.SEEDS)
+    runs = report.read_runs(archive)
+    assert [(r.rev, r.params["seed"]) for r in runs] == [("a", 0), ("c", 2)]
