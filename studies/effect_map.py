@@ -58,7 +58,7 @@ paired 95% t-intervals, and Holm's correction over all its paired comparisons.
 
 A phase queues only the runs that are neither done nor queued, so `run` resumes where it stopped.
 
-Run it in a clone of its own with OMP_NUM_THREADS=1: two queue workers share two cores.
+Run it in a clone of its own: two queue workers share two cores, each stage on compute.threads (1) thread.
 """
 
 from __future__ import annotations
@@ -238,7 +238,8 @@ def keep_seeds(archive: str, seeds: tuple[int, ...]) -> None:
         rows = list(csv.reader(f))
     seed = rows[0].index("params.seed")
     with open(archive, "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows([rows[0], *(r for r in rows[1:] if int(r[seed]) in seeds)])
+        kept = [r for r in rows[1:] if int(r[seed]) in seeds]
+        csv.writer(f, lineterminator="\n").writerows([rows[0], *kept])
 
 
 def main(argv: list[str]) -> None:
