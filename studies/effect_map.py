@@ -63,7 +63,6 @@ Run it in a clone of its own: two queue workers share two cores, each stage on c
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import statistics
@@ -73,6 +72,7 @@ import time
 from dataclasses import dataclass
 
 from bayeskd import config, report
+from bayeskd.io import write_text
 
 LOSSES = ("ce", "mse", "ce_ts")
 LRS = (0.01, 0.03, 0.1)
@@ -234,12 +234,8 @@ def wait(poll: float = 60) -> None:
 def keep_seeds(archive: str, seeds: tuple[int, ...]) -> None:
     """Drops the archive's runs of other seeds (the main phase's seeds: a table while the more
     phase runs)."""
-    with open(archive, newline="") as f:
-        rows = list(csv.reader(f))
-    seed = rows[0].index("params.seed")
-    with open(archive, "w", newline="") as f:
-        kept = [r for r in rows[1:] if int(r[seed]) in seeds]
-        csv.writer(f, lineterminator="\n").writerows([rows[0], *kept])
+    runs = [r for r in report.read_runs(archive) if r.params["seed"] in seeds]
+    write_text(archive, report.runs_csv(runs))
 
 
 def main(argv: list[str]) -> None:

@@ -44,9 +44,13 @@ def tiny_params(**overrides) -> dict:
     return with_overrides(p, overrides)
 
 
+def env() -> dict[str, str]:
+    """The environment of the commands tests run: the project's python and dvc first on PATH."""
+    return os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -55,8 +59,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 def start_queue(project: Path) -> None:
     """`dvc queue start`, returning at once: the worker it starts holds on to the output pipes it
     inherits until the queue is empty, so its output goes nowhere (then `wait_for_queue`)."""
-    env = os.environ | {"PATH": BIN + os.pathsep + os.environ["PATH"]}
-    subprocess.run(["dvc", "queue", "start"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+    subprocess.run(["dvc", "queue", "start"], cwd=project, env=env(), stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True, timeout=120)
 
 

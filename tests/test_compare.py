@@ -185,9 +185,7 @@ def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
     assert "-> mlp_student (kd)" in table and "-> mlp_student (none)" in table  # the configurations
 
     # MLflow: the queued runs, executed in temporary copies, logged into the project's store
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    logged = client.search_runs([experiment.experiment_id])
+    client, logged = runs_of(project)
     tagged = {r.data.tags["dvc.experiment"] for r in logged}
     assert "" in tagged and exp_names <= tagged
     alias = client.get_model_version_by_alias(tracking.MODEL_NAME, "main")
