@@ -56,7 +56,9 @@ paired 95% t-intervals, and Holm's correction over all its paired comparisons.
     python studies/effect_map.py archive [--main] # reports/effect_map/runs.csv from the experiments
                                                   # (--main: seeds 0, 1, 2 only)
 
-A phase queues only the runs that are neither done nor queued, so `run` resumes where it stopped.
+A phase queues only the runs that are neither done (an experiment, or a run of the archive) nor
+queued, so `run` resumes where it stopped, and a fresh clone goes on from the committed archive;
+`archive` adds the experiments to the runs already archived.
 
 Run it in a clone of its own: two queue workers share two cores, each stage on compute.threads (1) thread.
 """
@@ -64,12 +66,13 @@ Run it in a clone of its own: two queue workers share two cores, each stage on c
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bayeskd import config, report
 from bayeskd.io import write_text
@@ -131,6 +134,18 @@ def experiments() -> list[report.Run]:
     return [r for r in report.collect() if r.origin.startswith("experiments of ")]
 
 
+def archived(studies: dict) -> list[report.Run]:
+    """The archive's runs, each with all its parameters. The archive keeps only the parameters that
+    tell its runs apart: one it leaves out had a single value in all of them, the study's where the
+    study sets it, else params.yaml's (unchanged since the study began)."""
+    if not os.path.exists(ARCHIVE):
+        return []
+    shared = {k: v for cell in cells(studies) for k, v in cell.overrides(studies).items()}
+    defaults = config.read(config.PARAMS_FILE)
+    return [replace(r, params=config.with_overrides(defaults, shared | report.flatten(r.params), ARCHIVE))
+            for r in report.read_runs(ARCHIVE)]
+
+
 def pending() -> list[report.Run]:
     """The queued and running experiments (their parameters; no metrics yet)."""
     shown = json.loads(report.dvc("exp", "show", "--json"))
@@ -177,7 +192,7 @@ def needs_more_seeds(runs: list[report.Run], cell: Cell, rates: dict, studies: d
 
 def plan(phase: str, studies: dict) -> list[tuple[Cell, str, float, int]]:
     """The (cell, loss, learning rate, seed) runs of a phase that are not done yet."""
-    runs = experiments()
+    runs = experiments() + archived(studies)
     wanted = []
     if phase == "select":
         wanted = [(Cell(s, next(iter(b)), TEMPERATURES[0]), loss, lr, SEEDS[0])
@@ -253,8 +268,7 @@ def main(argv: list[str]) -> None:
     elif argv[:1] == ["queue"] and argv[1:] and argv[1] in ("select", "main", "more"):
         queue(argv[1], studies)
     elif argv[:1] == ["archive"] and argv[1:] in ([], ["--main"]):
-        subprocess.run(["bayeskd", "compare", "--experiments", "--save-runs", ARCHIVE, "--format", "csv"],
-                       check=True, stdout=subprocess.DEVNULL)
+        write_text(ARCHIVE, report.runs_csv(report.unique(archived(studies) + experiments())))
         if argv[1:] == ["--main"]:
             keep_seeds(ARCHIVE, SEEDS)
     else:
