@@ -53,8 +53,8 @@ paired 95% t-intervals, and Holm's correction over all its paired comparisons.
 
     python studies/effect_map.py run [gaussian] [images] [--gpu]   # every phase, waiting for the queue
     python studies/effect_map.py queue PHASE [gaussian] [images]   # one phase: select, main or more
-    python studies/effect_map.py archive [--main] # reports/effect_map/runs.csv from the experiments
-                                                  # (--main: seeds 0, 1, 2 only)
+    python studies/effect_map.py archive          # reports/effect_map/runs.csv: the archived runs
+                                                  # and the experiments
 
 A phase queues only the runs that are neither done (an experiment, or a run of the archive) nor
 queued, so `run` resumes where it stopped, and a fresh clone goes on from the committed archive;
@@ -190,21 +190,24 @@ def needs_more_seeds(runs: list[report.Run], cell: Cell, rates: dict, studies: d
     return False
 
 
-def plan(phase: str, studies: dict) -> list[tuple[Cell, str, float, int]]:
-    """The (cell, loss, learning rate, seed) runs of a phase that are not done yet."""
-    runs = experiments() + archived(studies)
-    wanted = []
+def wanted(phase: str, runs: list[report.Run], studies: dict) -> list[tuple[Cell, str, float, int]]:
+    """The (cell, loss, learning rate, seed) runs a phase asks for, given the runs done before it."""
     if phase == "select":
-        wanted = [(Cell(s, next(iter(b)), TEMPERATURES[0]), loss, lr, SEEDS[0])
-                  for s, (_, b) in studies.items() for loss in LOSSES for lr in LRS]
-    else:
-        rates = chosen_rates(runs, studies)
-        for cell in cells(studies):
-            more = phase == "more" and needs_more_seeds(runs, cell, rates, studies)
-            seeds = SEEDS if phase == "main" else MORE_SEEDS if more else ()
-            wanted += [(cell, loss, rates[cell.study, loss], seed) for seed in seeds for loss in LOSSES]
-    queued = pending()
-    return [w for w in wanted if not done(runs, *w, studies) and not done(queued, *w, studies)]
+        return [(Cell(s, next(iter(b)), TEMPERATURES[0]), loss, lr, SEEDS[0])
+                for s, (_, b) in studies.items() for loss in LOSSES for lr in LRS]
+    rates, out = chosen_rates(runs, studies), []
+    for cell in cells(studies):
+        more = phase == "more" and needs_more_seeds(runs, cell, rates, studies)
+        seeds = SEEDS if phase == "main" else MORE_SEEDS if more else ()
+        out += [(cell, loss, rates[cell.study, loss], seed) for seed in seeds for loss in LOSSES]
+    return out
+
+
+def plan(phase: str, studies: dict) -> list[tuple[Cell, str, float, int]]:
+    """The runs of a phase that are neither done nor queued."""
+    runs, queued = experiments() + archived(studies), pending()
+    return [w for w in wanted(phase, runs, studies)
+            if not done(runs, *w, studies) and not done(queued, *w, studies)]
 
 
 def start_workers() -> None:
@@ -246,13 +249,6 @@ def wait(poll: float = 60) -> None:
         time.sleep(poll)
 
 
-def keep_seeds(archive: str, seeds: tuple[int, ...]) -> None:
-    """Drops the archive's runs of other seeds (the main phase's seeds: a table while the more
-    phase runs)."""
-    runs = [r for r in report.read_runs(archive) if r.params["seed"] in seeds]
-    write_text(archive, report.runs_csv(runs))
-
-
 def main(argv: list[str]) -> None:
     studies = GPU_STUDIES if "--gpu" in argv else STUDIES
     argv = [a for a in argv if a != "--gpu"]
@@ -267,10 +263,8 @@ def main(argv: list[str]) -> None:
             print(f"{phase}: {time.time() - start:.0f} s", flush=True)
     elif argv[:1] == ["queue"] and argv[1:] and argv[1] in ("select", "main", "more"):
         queue(argv[1], studies)
-    elif argv[:1] == ["archive"] and argv[1:] in ([], ["--main"]):
+    elif argv == ["archive"]:
         write_text(ARCHIVE, report.runs_csv(report.unique(archived(studies) + experiments())))
-        if argv[1:] == ["--main"]:
-            keep_seeds(ARCHIVE, SEEDS)
     else:
         raise SystemExit(__doc__)
 

@@ -1,4 +1,5 @@
-"""The effect map's study script (studies/effect_map.py): every run it can queue has valid parameters."""
+"""The effect map's study script (studies/effect_map.py): every run it can queue has valid
+parameters, and its committed archive holds the runs its protocol asks for."""
 
 import importlib.util
 import sys
@@ -36,12 +37,20 @@ def test_budgets_vary_the_epochs_only():
                                                           b["teacher.optim.epochs"])]] == [0.75, 0.75]
 
 
-def test_archive_of_the_main_phase_keeps_its_seeds_only(tmp_path):
+def test_the_archive_holds_every_run_of_the_protocol_and_nothing_else():
+    """reports/effect_map/runs.csv, completed with the parameters it leaves out, writes back to the
+    same bytes, and holds exactly the runs the protocol asks for: the selection, seeds 0 to 2 of
+    every cell at the chosen rates, seeds 3 and 4 where a paired difference was within two standard
+    deviations after three seeds."""
     from bayeskd import report
 
-    archive = tmp_path / "runs.csv"
-    archive.write_text("rev,origin,params.seed,params.teacher.loss,metrics.student.accuracy\n"
-                       "a,o,0,ce,0.5\nb,o,3,ce,0.6\nc,o,2,mse,0.7\nd,o,4,mse,0.8\n")
-    effect_map.keep_seeds(str(archive), effect_map.SEEDS)
-    runs = report.read_runs(archive)
-    assert [(r.rev, r.params["seed"]) for r in runs] == [("a", 0), ("c", 2)]
+    studies, path = effect_map.STUDIES, ROOT / effect_map.ARCHIVE
+    runs = effect_map.archived(studies)
+    assert report.runs_csv(report.unique(runs)) == path.read_text()
+    rates = effect_map.chosen_rates(runs, studies)  # the ones docs/effect-map.md states
+    assert rates == {("gaussian", "ce"): 0.03, ("gaussian", "mse"): 0.03, ("gaussian", "ce_ts"): 0.03,
+                     ("images", "ce"): 0.1, ("images", "mse"): 0.01, ("images", "ce_ts"): 0.1}
+    first = [r for r in runs if r.params["seed"] in effect_map.SEEDS]  # what the more phase saw
+    asked = {w for phase in ("select", "main", "more") for w in effect_map.wanted(phase, first, studies)}
+    assert all(effect_map.done(runs, *w, studies) for w in asked)
+    assert len(runs) == len(asked)  # and nothing else
