@@ -1,5 +1,7 @@
-"""`bayeskd compare` and `bayeskd diff` on a real project: a commit, a CE/MSE seed sweep (an
-experiment in the workspace, the rest queued), a second commit; and the MLflow store that the runs
+"""The default pipeline through DVC on a copy of the project (`dvc repro`, committed; a fresh clone
+sees its metrics and plots), an MSE experiment beside it (`dvc metrics diff`, `dvc plots diff`), and
+on from there `bayeskd compare` and `bayeskd diff`: a CE/MSE seed sweep (that experiment in the
+workspace, the rest queued), a second commit; and the MLflow store that the runs
 filled: one run per execution of the pipeline, complete where its last stage runs (also where DVC
 restored the training stages from its run cache, and the run says so), with the curves of what it
 retrained where the last stage has nothing to do; only runs of main register a model."""
@@ -8,6 +10,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import statistics
 
 import mlflow
@@ -15,6 +18,7 @@ import pytest
 import yaml
 
 from bayeskd import tracking
+from bayeskd.report import runs_in
 from conftest import commit_all, run, start_queue, wait_for_queue
 from services import free_port
 
@@ -50,6 +54,60 @@ def registered(client, run):
     return [int(v.version) for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
 
 
+def check_the_default_run(project):
+    """The built project: `dvc repro` of the default, committed; a fresh clone (no DVC remote, no
+    cache) shows the commit's metrics, plots and curves, which are in git."""
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    test_split = {"accuracy", "nll", "ece", "brier", "bcpd_mse", "val_accuracy", "val_nll"}
+    transfer_set = {"train_accuracy", "transfer_bcpd_mse", "transfer_bcpd_mse_at_t", "plateau"}
+    assert set(metrics["teacher"]) == test_split | transfer_set and set(metrics["student"]) == test_split
+    assert metrics["distill_temperature"] == 4.0
+    for role in ("teacher", "student"):
+        assert 0.15 < metrics[role]["accuracy"] <= 1  # chance is 0.1
+    assert 0 <= metrics["agreement"] <= 1 and 0.4 < metrics["bayes_accuracy"] < 0.8
+    exported = json.loads((project / "reports/export.json").read_text())
+    assert all(exported[r]["max_abs_diff"] <= 1e-4 for r in ("teacher", "student"))
+    manifest = json.loads((project / "cache/teacher_logits/manifest.json").read_text())
+    assert manifest["num_samples"] == 1200 and manifest["dtype"] == "float16"
+    assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
+
+    fresh = project.parent / "fresh"
+    run(["git", "clone", "-q", str(project), str(fresh)], project.parent)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], fresh).stdout)
+    assert shown == json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    for command in (["dvc", "plots", "show", "-o", "out"], ["dvc", "plots", "diff", "HEAD", "-o", "out"]):
+        result = run(command, fresh)
+        assert "failed to load" not in result.stdout + result.stderr
+        html = (fresh / "out/index.html").read_text()
+        assert "dvclive_teacher_plots_metrics_val_acc_tsv" in html and '"acc": "0.' in html
+    assert not (fresh / "models").exists()
+
+
+def check_the_mse_experiment(project):
+    """`dvc exp run -S teacher.loss=mse` in the workspace: beside the CE run in `dvc exp show`, its
+    metrics in the workspace, `dvc metrics diff` and `dvc plots diff` against the CE commit."""
+    runs = runs_in(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
+    by_loss = {r.params["teacher"]["loss"]: r.metrics for r in runs}
+    assert set(by_loss) == {"ce", "mse"}
+    assert by_loss["ce"]["teacher"]["bcpd_mse"] != by_loss["mse"]["teacher"]["bcpd_mse"]
+    assert by_loss["mse"] == json.loads((project / "reports/metrics.json").read_text())
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    assert "teacher.bcpd_mse" in diff["reports/metrics.json"]
+    shown = run(["dvc", "plots", "diff", "HEAD", "-o", "plots_out"], project)
+    assert "failed to load" not in shown.stdout + shown.stderr
+    html = (project / "plots_out/index.html").read_text()
+    shutil.rmtree(project / "plots_out")
+    plots = re.findall(r'<div id = "([^"]+)">', html)  # only the declared charts
+    assert plots[:5] == ["validation_accuracy", "validation_nll", "training_accuracy", "reliability",
+                         "student_confusion"]
+    curves = {f"dvclive_{role}_plots_metrics_{curve}_tsv" for role in ("teacher", "student")
+              for curve in ("lr", "train_acc", "train_loss", "val_acc", "val_nll")}
+    assert curves <= set(plots[5:]) and all(p.startswith("dvclive_") for p in plots[5:])
+    assert "<script src=" not in html and "vegaEmbed" in html  # scripts inlined: renders offline
+    assert len(html) < 2_000_000
+
+
 def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
     project = built  # `dvc repro` ran on main and was committed ("ce baseline")
@@ -62,9 +120,11 @@ def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
     assert registered(client, logged[0]) == [1]
     assert client.get_registered_model(tracking.MODEL_NAME).aliases == {"main": 1}
     assert not (project / tracking.RUN_FILE).exists()
+    check_the_default_run(project)
 
     # the sweep: (mse, 0) in the workspace, an override, so it registers nothing
     run(["dvc", "exp", "run", "-S", "teacher.loss=mse"], project)
+    check_the_mse_experiment(project)
     client, logged = runs_of(project)
     mse = next(r for r in logged if r.data.params["teacher.loss"] == "mse")
     assert len(logged) == 2 and registered(client, mse) == []
@@ -192,3 +252,8 @@ def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
     latest_main = client.get_run(alias.run_id)
     assert latest_main.data.tags["dvc.experiment"] == ""
     assert latest_main.data.params["student.method"] == "none"
+
+    bad = run(["dvc", "exp", "run", "-S", "teacher.loss=hinge"], project, check=False)
+    assert bad.returncode != 0
+    expected = "teacher.loss = 'hinge': not allowed; expected 'ce', 'mse', 'ls' or 'ce_ts'"
+    assert expected in bad.stdout + bad.stderr
