@@ -216,3 +216,38 @@ def test_unreachable_server_warns_once_and_loses_nothing(repo, monkeypatch, caps
         r.log_restored_curves({"teacher": repo / "dvclive/teacher"})
     assert not r.active
     assert capsys.readouterr().err.count("warning: MLflow tracking off") == 1
+
+
+def test_a_stage_that_loses_the_race_to_create_the_experiment_still_tracks_into_it(repo, monkeypatch):
+    """Two workers whose first stages start at once both find no `bayeskd` experiment and both
+    create it; MLflow hands the loser the experiment without making it active. Its run still goes
+    into the experiment (not into MLflow's Default one), and its next stage resumes it. The script
+    replays that order in a fresh process: the other worker creates the experiment just after this
+    one looked it up."""
+    script = repo / "raced.py"
+    script.write_text("""import json, sys
+import mlflow
+from mlflow.tracking._tracking_service.client import TrackingServiceClient
+from bayeskd import tracking
+
+lookup = TrackingServiceClient.get_experiment_by_name
+
+def raced(self, name):
+    TrackingServiceClient.get_experiment_by_name = lookup
+    mlflow.MlflowClient(tracking.tracking_uri()).create_experiment(name)  # the other worker's
+    return None  # what this one's lookup found, a moment earlier
+
+TrackingServiceClient.get_experiment_by_name = raced
+with tracking.mlflow_run() as run:
+    run.log_epoch("teacher", 0, {"train/loss": 1.0})
+print(json.dumps(run.run_id))
+""")
+    monkeypatch.setenv("BAYESKD_EXECUTION", "flow-run-1")  # the script and this test: one execution
+    out = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True, check=True)
+    assert "warning" not in out.stderr, out.stderr
+    run_id = json.loads(out.stdout.splitlines()[-1])
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    assert client.get_run(run_id).info.experiment_id == experiment.experiment_id
+    with tracking.mlflow_run(final=True) as last:  # the next stage of the same execution
+        assert last.run_id == run_id

@@ -260,7 +260,10 @@ class Run:
         name = self.exp_name or f"{self.branch or 'HEAD'}@{self.commit[:7]}"
         tags = {"git.commit": self.commit, "git.branch": self.branch, "dvc.experiment": self.exp_name,
                 "data.hash": _data_hash()}
-        run = mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if k != "data.hash" or v})
+        # the experiment named: where two workers created it at once, MLflow left it inactive in the
+        # one that lost the race, and a run started without it would go to the Default experiment
+        run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name,
+                               tags={k: v for k, v in tags.items() if k != "data.hash" or v})
         self.run_id = run.info.run_id
         self.logged = dict.fromkeys(("teacher", "student"), 0)
         mlflow.log_params(flatten(self.params))
