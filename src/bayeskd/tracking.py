@@ -197,6 +197,9 @@ def set_experiment(uri: str | None = None):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri or tracking_uri())
     experiment = mlflow.set_experiment(EXPERIMENT)
+    # made active by id as well: where two processes created it at once, MLflow returns it to the one
+    # that lost the race without making it active, and its runs would go to the Default experiment
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
     if KIND_TAG not in experiment.tags:
         mlflow.set_experiment_tag(KIND_TAG, KIND)
     return experiment
@@ -260,10 +263,7 @@ class Run:
         name = self.exp_name or f"{self.branch or 'HEAD'}@{self.commit[:7]}"
         tags = {"git.commit": self.commit, "git.branch": self.branch, "dvc.experiment": self.exp_name,
                 "data.hash": _data_hash()}
-        # the experiment named: where two workers created it at once, MLflow left it inactive in the
-        # one that lost the race, and a run started without it would go to the Default experiment
-        run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name,
-                               tags={k: v for k, v in tags.items() if k != "data.hash" or v})
+        run = mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if k != "data.hash" or v})
         self.run_id = run.info.run_id
         self.logged = dict.fromkeys(("teacher", "student"), 0)
         mlflow.log_params(flatten(self.params))
