@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 import torchvision
@@ -21,6 +23,32 @@ def test_every_net_builds_and_classifies(name):
     in_shape = (1, 8, 8) if name.startswith("cnn") else (30,)
     model = nets.build(name, 7, in_shape)
     assert model(torch.randn(5, *in_shape)).shape == (5, 7)
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_embedded_nets_equal_torchvisions_layers(name):
+    """The embedded nets are built from torch.nn (bayeskd.zoo.embedded says why): from one seed,
+    the same weights and the same outputs as torchvision's MLP and Conv2dNormActivation."""
+    from torchvision.ops import MLP, Conv2dNormActivation
+
+    in_shape = (1, 8, 8) if name.startswith("cnn") else (30,)
+    torch.manual_seed(0)
+    ours = nets.build(name, 7, in_shape)
+    torch.manual_seed(0)
+    hidden, widths = {"mlp_teacher": ([128, 128], None), "mlp_student": ([16], None),
+                      "cnn_teacher": (None, [32, 64, 128]), "cnn_student": (None, [8, 16])}[name]
+    if hidden:
+        theirs = torch.nn.Sequential(torch.nn.Flatten(), MLP(30, [*hidden, 7]))
+    else:
+        blocks = [Conv2dNormActivation(a, b, kernel_size=3) for a, b in itertools.pairwise([1, *widths])]
+        theirs = torch.nn.Sequential(blocks[0], torch.nn.MaxPool2d(2), *blocks[1:],
+                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                     torch.nn.Linear(widths[-1], 7))
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(5, *in_shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
 
 
 def test_teacher_is_larger_than_student():

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation
 
 from bayeskd.batch import Batch
 from bayeskd.declare import Float, method
 from bayeskd.losses import soft_kl as kl
 from bayeskd.methods.base import FeatureMethod, Features, paired
-from bayeskd.zoo._layers import GlobalAvgPool
+from bayeskd.zoo._layers import GlobalAvgPool, conv_bn
 
 ROTATIONS = 4
 
@@ -19,7 +18,7 @@ ROTATIONS = 4
 def aux_head(channels: int, outputs: int) -> nn.Module:
     """An auxiliary classifier on a stage map: conv3x3-BN-ReLU, global average pool, linear."""
     return nn.Sequential(
-        Conv2dNormActivation(channels, channels, kernel_size=3),
+        conv_bn(channels, channels, kernel_size=3),
         GlobalAvgPool(),
         nn.Flatten(),
         nn.Linear(channels, outputs),
