@@ -18,7 +18,7 @@ import yaml
 
 from bayeskd import tracking
 from bayeskd.report import runs_in
-from conftest import commit_all, run, start_queue, wait_for_queue
+from conftest import commit_all, exp_refs, run, start_queue, wait_for_queue
 from services import free_port
 
 pytestmark = pytest.mark.slow
@@ -134,10 +134,9 @@ def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
     for loss, seed in (("ce", 0), ("ce", 1), ("mse", 1)):
         run(["dvc", "exp", "run", "--queue", "-S", f"teacher.loss={loss}", "-S", f"seed={seed}"], project)
     start_queue(project)
-    status = wait_for_queue(project, 1200)
+    status = wait_for_queue(project, 1200, experiments=3)
     assert status.count("Success") == 3, status
-    listed = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
-    refs = [r for r in listed if not r.startswith("refs/exps/exec/")]  # (DVC's own: EXEC_HEAD)
+    refs = exp_refs(project)
     exp_names = {r.rsplit("/", 1)[1] for r in refs}
     assert len(exp_names) == 4
     variant = {}  # (loss, seed) -> experiment name

@@ -372,26 +372,37 @@ def test_bayeskd_verify_names_each_bad_file_with_one_error_line(project):
 # --- one experiment per workspace ---------------------------------------------------------------
 
 def test_two_experiments_in_one_workspace_do_not_mix_their_parameters(project, tmp_path):
-    """`dvc exp run -S seed=1 & dvc exp run -S seed=2`: the second rewrites params.yaml before DVC's
-    lock refuses it. The first run stops with one line naming the cause, before any stage uses (or
+    """`dvc exp run -S seed=1 & dvc exp run -S seed=2`, the second while the first trains its teacher:
+    the second rewrites params.yaml (and may run check_params) before DVC's lock on the teacher's
+    files refuses it. The first run stops with one line naming the cause, before any stage uses (or
     DVC records) the second's parameters: no stage of dvc.lock but check_params records seed 2, no
-    MLflow run, no experiment."""
+    MLflow run, no experiment. The teacher's stage is paused (SIGSTOP) while the second runs, so the
+    second always comes in while it trains, however loaded the machine."""
+    import psutil
+
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     log = tmp_path / "first.log"
-    with open(log, "w") as out:  # a teacher long enough for the second run to come in meanwhile
-        first = subprocess.Popen(["dvc", "exp", "run", "-S", "seed=1", "-S", "teacher.optim.epochs=40"],
+    with open(log, "w") as out:
+        first = subprocess.Popen(["dvc", "exp", "run", "-S", "seed=1", "-S", "teacher.optim.epochs=20"],
                                  cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while "Running stage 'train_teacher'" not in log.read_text():
+        training: list[psutil.Process] = []
+        while not training:
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
-        while yaml.safe_load((project / "params.yaml").read_text())["seed"] != 2:
-            # the second run rewrites params.yaml once it gets DVC's repository lock (free while a
-            # stage's command runs)
-            assert first.poll() is None, "the first run ended before the second came in"
+            with contextlib.suppress(psutil.NoSuchProcess):  # a child gone while listed
+                training = [c for c in psutil.Process(first.pid).children(recursive=True)
+                            if any(a.endswith("train_teacher.py") for a in c.cmdline())]
+            time.sleep(0.1)
+        for c in training:
+            c.suspend()
+        try:
             second = run(["dvc", "exp", "run", "-S", "seed=2"], project, check=False)
-            assert second.returncode != 0
+        finally:
+            for c in training:
+                c.resume()
+        assert second.returncode != 0
+        assert yaml.safe_load((project / "params.yaml").read_text())["seed"] == 2  # it came in
         first.wait(timeout=300)
     finally:
         if first.poll() is None:

@@ -16,15 +16,14 @@ from prefect.testing.utilities import prefect_test_harness
 
 from bayeskd import flows
 from bayeskd.config import ParamsError
-from conftest import BIN, run
+from conftest import BIN, exp_refs, run
 from services import start
 
 pytestmark = pytest.mark.slow
 
 
 def exp_names(project: Path) -> set[str]:
-    out = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
-    return {r.rsplit("/", 1)[1] for r in out}
+    return {r.rsplit("/", 1)[1] for r in exp_refs(project)}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import services
 from bayeskd import tracking
-from conftest import BIN, run
+from conftest import BIN, exp_refs, run
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_team_stack_compares_on_two_workers_and_a_fresh_clone_sees_it_all(projec
     out = sh([f"{BIN}/bayeskd", "compare", "--remote", "origin", "--format", "csv"], fresh, env).stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     ce, mse = sorted(names)
-    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], fresh).stdout.split()
+    refs = exp_refs(fresh)
     assert {r.rsplit("/", 1)[1] for r in refs} == names  # fetched
     for ref in refs:  # each variant's student, as its worker measured it, is in the table
         name = ref.rsplit("/", 1)[1]
