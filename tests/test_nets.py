@@ -35,11 +35,11 @@ def test_embedded_nets_equal_torchvisions_layers(name):
     torch.manual_seed(0)
     ours = nets.build(name, 7, in_shape)
     torch.manual_seed(0)
-    hidden, widths = {"mlp_teacher": ([128, 128], None), "mlp_student": ([16], None),
-                      "cnn_teacher": (None, [32, 64, 128]), "cnn_student": (None, [8, 16])}[name]
-    if hidden:
-        theirs = torch.nn.Sequential(torch.nn.Flatten(), MLP(30, [*hidden, 7]))
+    declared = nets.NETS[name].kwargs  # the widths of the declaration (bayeskd.zoo.embedded)
+    if "hidden" in declared:
+        theirs = torch.nn.Sequential(torch.nn.Flatten(), MLP(30, [*declared["hidden"], 7]))
     else:
+        widths = declared["widths"]
         blocks = [Conv2dNormActivation(a, b, kernel_size=3) for a, b in itertools.pairwise([1, *widths])]
         theirs = torch.nn.Sequential(blocks[0], torch.nn.MaxPool2d(2), *blocks[1:],
                                      torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
