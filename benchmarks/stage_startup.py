@@ -4,7 +4,7 @@ where `dvc repro` has run (the stages rewrite the same outputs; MLflow logs into
 The end-to-end tests run the stages many times on tiny data, so imports are most of the suite's
 time. Each stage runs once as `python -X importtime stages/<stage>.py`; its import time is summed
 per top-level package, and a fresh `python -c "import torch"` is the reference. torch._dynamo is the
-one to watch: 1 to 2.5 s, pulled in by torchvision, torch.onnx's exporter and the first call to a
+one to watch: 1 to 2.5 s, pulled in by torchvision, torch.onnx's exporter and the construction of any
 torch optimizer. Run from the repository root after `make run` (or in a copy with tiny params):
 
     python benchmarks/stage_startup.py [PROJECT]
