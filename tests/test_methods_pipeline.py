@@ -71,6 +71,7 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
                             "teacher.net": "cnn_teacher", "student.net": "cnn_student",
                             "teacher.optim.epochs": 2, "student.optim.epochs": 2,
                             "teacher.optim.milestones": [1], "student.optim.milestones": [1],
+                            "student.crd.nce_k": 256,  # of 1,077 samples; the default would be all
                             # softmax-MSE learns slowly: after 2 epochs its teacher is barely above
                             # chance (0.13 on its views on one CPU, above 0.2 on another)
                             "cache.min_accuracy": 0.05})

@@ -214,13 +214,13 @@ def test_gpu_preset_through_the_pipeline_with_tiny_sizes(project):
     """The paper-scale preset (resnet32x4 -> resnet8x4, crop-and-flip views) on the CPU, through
     `dvc repro`, with tiny sizes and one epoch."""
     preset = config.preset("gaussian_images-gpu", ROOT / "presets.yaml")
-    tiny = {"data.gaussian_images.n_train": 100, "data.gaussian_images.n_test": 100,
+    tiny = {"data.gaussian_images.n_train": 32, "data.gaussian_images.n_test": 32,
             "teacher.optim.epochs": 1, "student.optim.epochs": 1, "teacher.optim.milestones": [],
             "student.optim.milestones": [], "cache.views": 2, "cache.min_accuracy": 0.0,
-            "export.max_abs_diff": 1e-2}  # one epoch on 100 images: batch-norm statistics are far off
+            "export.max_abs_diff": 1e-2}  # one epoch on 32 images: batch-norm statistics are far off
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**(preset | tiny)), sort_keys=False))
     out = run(["dvc", "repro"], project).stdout
-    assert "prepared gaussian_images: train 100, test 100; 10 classes, input (3, 32, 32)" in out
+    assert "prepared gaussian_images: train 32, test 32; 10 classes, input (3, 32, 32)" in out
     info = json.loads((project / "data/prepared/info.json").read_text())
     m = json.loads((project / "reports/metrics.json").read_text())
     assert m["bayes_accuracy"] == info["bayes_accuracy"]
