@@ -60,9 +60,9 @@ def stage(main: Callable[[], None]) -> None:
             end_execution("FAILED")
         raise
     finally:
-        # The interpreter's teardown of the ~4,500 modules a stage imports runs the cyclic garbage
-        # collector over the whole heap again and again: about 2 s per stage. Frozen objects are left
-        # to the operating system; atexit handlers and finalizers still run.
+        # The interpreter's teardown of the ~4,500 modules a stage imports would run the cyclic
+        # garbage collector over the whole heap again and again: about 2 s per stage. Frozen, the
+        # heap is freed with the process; atexit handlers still run.
         gc.freeze()
 
 
