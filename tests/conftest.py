@@ -81,10 +81,10 @@ def wait_for_queue(project: Path, timeout: float, experiments: int) -> str:
         time.sleep(1)
 
 
-def exp_refs(project: Path) -> list[str]:
-    """The refs of the project's DVC experiments (not DVC's own refs/exps/exec/...)."""
+def exp_refs(project: Path) -> dict[str, str]:
+    """The project's DVC experiments, name -> git ref (not DVC's own refs/exps/exec/...)."""
     listed = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
-    return [r for r in listed if not r.startswith("refs/exps/exec/")]
+    return {r.rsplit("/", 1)[1]: r for r in listed if not r.startswith("refs/exps/exec/")}
 
 
 def make_project(dest: Path) -> Path:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -20,10 +19,6 @@ from conftest import BIN, exp_refs, run
 from services import start
 
 pytestmark = pytest.mark.slow
-
-
-def exp_names(project: Path) -> set[str]:
-    return {r.rsplit("/", 1)[1] for r in exp_refs(project)}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +101,7 @@ def test_killed_flow_run_leaves_no_partial_output_and_its_rerun_resumes(project,
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "teacher[ls]: resuming after epoch" in second.stdout + second.stderr
     assert not workspace.exists()  # the workspace of a success is removed
-    assert any(n.startswith("ls-seed0-") for n in exp_names(project))
+    assert any(n.startswith("ls-seed0-") for n in exp_refs(project))
     assert '"loss": "ls"' in run(["dvc", "exp", "show", "--json"], project).stdout
     assert any((tmp_path / "dvc-remote").rglob("*")), "outputs were not pushed to the DVC remote"
     assert run(["git", "status", "--porcelain"], project).stdout == ""  # the user's tree untouched

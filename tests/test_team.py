@@ -112,9 +112,8 @@ def test_team_stack_compares_on_two_workers_and_a_fresh_clone_sees_it_all(projec
     rows = list(csv.DictReader(io.StringIO(out)))
     ce, mse = sorted(names)
     refs = exp_refs(fresh)
-    assert {r.rsplit("/", 1)[1] for r in refs} == names  # fetched
-    for ref in refs:  # each variant's student, as its worker measured it, is in the table
-        name = ref.rsplit("/", 1)[1]
+    assert set(refs) == names  # fetched
+    for name, ref in refs.items():  # each variant's student, as its worker measured it, is in the table
         metrics = json.loads(run(["git", "show", f"{ref}:reports/metrics.json"], fresh).stdout)
         assert any(r["teacher_loss"] == name.split("-")[0] and r["seeds"] == "1" and float(
             r["student_accuracy_mean"]) == pytest.approx(metrics["student"]["accuracy"]) for r in rows), out
