@@ -19,7 +19,6 @@ import yaml
 from bayeskd import tracking
 from bayeskd.report import runs_in
 from conftest import commit_all, exp_refs, run, start_queue, wait_for_queue
-from services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -217,14 +216,6 @@ def test_seed_sweep_compare_diff_and_tracking(built, monkeypatch):
     assert [m.step for m in client.get_metric_history(retrained.info.run_id, "student/val/acc")] == [
         *range(1, epochs["student"] + 1)]
     assert registered(client, retrained) == []
-
-    # tracking that fails costs no output: the last stage still writes them and succeeds
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    result = run(["dvc", "repro", "--force", "--single-item", "export_onnx"], project)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert "MLflow tracking off" in result.stderr + result.stdout
-    assert json.loads((project / "reports/export.json").read_text())["student"]["max_abs_diff"] <= 1e-4
-    assert len(runs_of(project)[1]) == before + 1
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["student"]["method"] = "none"

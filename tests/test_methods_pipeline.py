@@ -1,6 +1,6 @@
 """Every distillation method end to end on the digits: each through `bayeskd.distill.distiller` and
 the training loop, as the distill stage runs it; and a logit method, a feature method and a
-single-process feature method, each with a CE and an MSE teacher, through `dvc exp run`."""
+single-process feature method through `dvc exp run`, the last also with an MSE teacher."""
 
 import json
 import math
@@ -61,12 +61,14 @@ def test_every_method_distills_from_a_ce_and_an_mse_teacher(digits, method):
 
 
 def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
-    """A logit method from the cache, a feature method and a single-process feature method, each with
-    a CE and an MSE teacher: six experiments of one project. Back to a variant that ran before, DVC
-    restores its teacher and student from its run cache instead of training them again."""
+    """A logit method from the cache, a feature method and a single-process feature method with a CE
+    teacher, and the last with an MSE teacher too (a feature method reads the teacher itself, not the
+    cache; every method with both teachers runs in process above, and KD from an MSE teacher through
+    DVC in tests/test_compare.py): four experiments of one project. Back to a variant that ran
+    before, DVC restores its teacher and student from its run cache instead of training them again."""
     import dvc.api as dvc_api  # only here: the other tests of this module need no DVC in-process
 
-    methods = ("kd", "reviewkd", "crd")
+    variants = [("ce", "kd"), ("ce", "reviewkd"), ("ce", "crd"), ("mse", "crd")]
     params = tiny_params(**{"data.name": "digits", "data.augment.padding": 1, "cache.views": 2,
                             "teacher.net": "cnn_teacher", "student.net": "cnn_student",
                             "teacher.optim.epochs": 2, "student.optim.epochs": 2,
@@ -77,10 +79,9 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
                             "cache.min_accuracy": 0.05})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "digits"], project)
-    for loss in ("ce", "mse"):
-        for method in methods:
-            run(["dvc", "exp", "run", "distill", "-n", f"{loss}-{method}", "-S", f"teacher.loss={loss}",
-                 "-S", f"student.method={method}"], project)
+    for loss, method in variants:
+        run(["dvc", "exp", "run", "distill", "-n", f"{loss}-{method}", "-S", f"teacher.loss={loss}",
+             "-S", f"student.method={method}"], project)
     baseline = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)[1]
     results = {}
     for exp in baseline["experiments"]:
@@ -90,7 +91,7 @@ def test_methods_run_through_dvc_exp_run_with_ce_and_mse_teachers(project):
         # the training summary (a DVC metric in git), read at the experiment's commit
         summary = dvc_api.read("dvclive/student/metrics.json", repo=str(project), rev=rev["rev"])
         results[rev["name"]] = json.loads(summary)
-    assert set(results) == {f"{loss}-{m}" for loss in ("ce", "mse") for m in methods}
+    assert set(results) == {f"{loss}-{m}" for loss, m in variants}
     assert all(0.0 <= m["val"]["acc"] <= 1.0 and math.isfinite(m["train"]["loss"]) for m in results.values())
     assert len({json.dumps(m, sort_keys=True) for m in results.values()}) == len(results)  # all distinct
 
