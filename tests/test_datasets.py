@@ -152,6 +152,34 @@ def test_every_preset_is_valid_and_unknown_ones_are_refused():
         config.preset("resnet9", ROOT / "presets.yaml")
 
 
+# The sitecustomize of the stage processes below: the fixture's checksums go into torchvision's CIFAR
+# table when a process imports it, and only then (importing torchvision in every Python process,
+# DVC's own included, would cost each of them seconds).
+FIXTURE_TABLE = """import importlib.abc, importlib.util, sys
+
+
+class FixtureTable(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "torchvision.datasets.cifar":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            module.CIFAR100.train_list = {train!r}
+            module.CIFAR100.test_list = {test!r}
+            module.CIFAR100.meta = {meta!r}
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, FixtureTable())
+"""
+
+
 @pytest.mark.slow
 def test_one_cifar_pair_through_the_real_pipeline(project, monkeypatch):
     """resnet56 -> resnet20 (a preset) for one epoch on a CIFAR-100 fixture, through `dvc repro`."""
@@ -168,11 +196,8 @@ def test_one_cifar_pair_through_the_real_pipeline(project, monkeypatch):
     cifar_fixture(project / "cifar", "cifar100", monkeypatch, 100, 100)
     sitecustomize = project / "fixture_site" / "sitecustomize.py"
     sitecustomize.parent.mkdir()
-    sitecustomize.write_text(
-        "from torchvision.datasets import CIFAR100\n"
-        f"CIFAR100.train_list = {CIFAR100.train_list!r}\n"
-        f"CIFAR100.test_list = {CIFAR100.test_list!r}\n"
-        f"CIFAR100.meta = {CIFAR100.meta!r}\n")
+    sitecustomize.write_text(FIXTURE_TABLE.format(train=CIFAR100.train_list, test=CIFAR100.test_list,
+                                                  meta=CIFAR100.meta))
     monkeypatch.setenv("PYTHONPATH", str(sitecustomize.parent))
     run(["dvc", "repro"], project)
     metrics = json.loads((project / "reports/metrics.json").read_text())
