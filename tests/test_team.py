@@ -66,11 +66,15 @@ def test_team_stack_compares_on_two_workers_and_a_fresh_clone_sees_it_all(projec
     sh([prefect, "work-pool", "create", "gpu", "--type", "process"], project, env)
     sh([prefect, "--no-prompt", "deploy", "--all"], project, env | {"BAYESKD_GIT_URL": str(origin)})
     workers = []
+    # both workers ask for the first variant; the one that loses the race asks again for the second
+    # after PREFECT_WORKER_QUERY_SECONDS, 2 s here instead of Prefect's 10
+    worker_env = env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}
     try:
         for name in ("w1", "w2"):
             (tmp_path / name).mkdir()
             workers.append(services.start([prefect, "worker", "start", "--pool", "gpu", "--name", name,
-                                           "--limit", "1"], env, tmp_path / name, logs / f"{name}.log"))
+                                           "--limit", "1"], worker_env, tmp_path / name,
+                                          logs / f"{name}.log"))
         started = time.monotonic()
         sh([f"{BIN}/python", "-m", "flows.compare", "seeds=[0]", "deployment=bayeskd-pipeline/nightly"],
            project, env, timeout=1800)
