@@ -12,13 +12,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bayeskd import integrity
+from bayeskd import integrity, runs
 from bayeskd.cache import FORMAT
 from conftest import run
 
@@ -370,6 +371,46 @@ def test_bayeskd_verify_names_each_bad_file_with_one_error_line(project):
 
 
 # --- one experiment per workspace ---------------------------------------------------------------
+
+# a stand-in `dvc` command: it runs its first argument as Python code in a child process, as DVC
+# runs a stage, so that bayeskd.runs finds it among the child's parents
+DVC = "import subprocess, sys\nsys.exit(subprocess.run([sys.executable, '-c', *sys.argv[1:]]).returncode)\n"
+WAIT = "import sys, time\nfrom pathlib import Path\nwhile not Path(sys.argv[1]).exists(): time.sleep(0.01)\n"
+VALIDATE = "from bayeskd import runs\nruns.mark('d')\n"
+CHECK = "from bayeskd import runs\nprint(runs.problem('d') or 'ok')\n"
+
+
+def test_a_stage_refuses_parameters_validated_by_a_later_or_running_dvc_command(tmp_path):
+    """Which DVC command validated the parameters, against the stage's own: one that ran before it
+    (a flow runs check_params, then each stage, in separate commands, the next often within a
+    second) is fine; one begun after it, or still running, is another run. Real processes."""
+    (tmp_path / "dvc").write_text(DVC)
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "params.validated.json").write_text(json.dumps({"params_sha256": "d"}))
+    env = os.environ | {"DVC_STAGE": "stand-in"}
+
+    def dvc(code: str, *args: str, wait: bool = True) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, str(tmp_path / "dvc"), code, *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, text=True)
+        if wait:
+            p.wait(timeout=60)
+        return p
+
+    assert dvc(VALIDATE).returncode == 0
+    assert dvc(CHECK).stdout.read().strip() == "ok"  # validated by a command that ran before
+    stage = dvc(WAIT + CHECK, str(tmp_path / "checks"), wait=False)  # begun before the next validation
+    time.sleep(0.1)
+    dvc(VALIDATE)
+    (tmp_path / "checks").touch()
+    assert "begun after this one or still running" in stage.communicate(timeout=60)[0]
+    validating = dvc(VALIDATE + WAIT, str(tmp_path / "ends"), wait=False)
+    while json.loads((tmp_path / runs.MARKER).read_text())["dvc"]["pid"] != validating.pid:
+        time.sleep(0.01)
+    assert "begun after this one or still running" in dvc(CHECK).stdout.read()  # the validator still runs
+    (tmp_path / "ends").touch()
+    validating.wait(timeout=60)
+    assert dvc(CHECK).stdout.read().strip() == "ok"
 
 def test_two_experiments_in_one_workspace_do_not_mix_their_parameters(project, tmp_path):
     """`dvc exp run -S seed=1 & dvc exp run -S seed=2`, the second while the first trains its teacher:

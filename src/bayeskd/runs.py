@@ -9,8 +9,10 @@ So:
   (`MARKER`, under .dvc/tmp: it differs on every run, so it is no output, and dvc.lock stays the
   same for the same parameters);
 - every stage that DVC runs checks, before it starts, that params.yaml is the validated one and
-  that no other DVC command validated parameters after its own began; and, when it ends, that
-  params.yaml did not change while it ran. A stage run by hand reads params.yaml as it is.
+  that they were not validated by another DVC command that began after its own or is still running
+  (start times as the OS records them, so both sides read the same clock: a stage's DVC command may
+  start within a second of the one that validated, as the Prefect flow runs them); and, when it
+  ends, that params.yaml did not change while it ran. A stage run by hand reads params.yaml as it is.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def dvc_command() -> dict | None:
     return None
 
 
+def _running(command: dict) -> bool:
+    """Whether the DVC command recorded by dvc_command() still runs (its pid, not reused since)."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(command["pid"]).create_time() - command["started"]) < 1
+    except (psutil.Error, KeyError, TypeError):
+        return False
+
+
 def mark(digest: str) -> None:
     """For check_params, once it has written config.VALIDATED_FILE: which DVC command validated the
     parameters with `digest`, and when."""
@@ -80,10 +92,10 @@ def problem(digest: str | None) -> str | None:
     marker, me = _read(MARKER), dvc_command()
     other = marker.get("dvc")
     if (me and isinstance(other, dict) and other.get("pid") != me["pid"]
-            and marker.get("at", 0) > me["started"]):  # validated by another DVC command since this began
-        return (f"another DVC run (PID {other.get('pid')}: {other.get('cmd')}) rewrote params.yaml and "
-                "validated it after this run began; this stage stops before it mixes two runs' parameters. "
-                + ADVICE)
+            and (other.get("started", 0) > me["started"] or _running(other))):
+        return (f"another DVC run (PID {other.get('pid')}: {other.get('cmd')}), begun after this one or "
+                "still running, rewrote params.yaml and validated it; this stage stops before it mixes two "
+                "runs' parameters. " + ADVICE)
     return None
 
 
