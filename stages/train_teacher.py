@@ -3,7 +3,7 @@ temperature fitted on the validation split and folded into the logit layer); res
 
 from bayeskd import calibration, config, data
 from bayeskd.losses import TEACHER_LOSSES
-from bayeskd.train import Checkpoint, TrainSet, fit, predict, seed_everything
+from bayeskd.train import Checkpoint, TrainSet, distributed, fit, predict, seed_everything
 from common import (
     DATA,
     TEACHER,
@@ -20,13 +20,15 @@ from common import (
 CHECKPOINT = "checkpoints/teacher.pt"
 
 
-def calibrate(model, val) -> dict[str, str]:
+def calibrate(model, val, device: str) -> dict[str, str]:
     """Temperature scaling on the validation split (config.TEMPERATURE_SCALED losses): T minimises
-    the validation NLL and is folded into the logit layer; returned as the weights' metadata."""
+    the validation NLL and is folded into the logit layer, on `device`; returned as the weights'
+    metadata. The model is left on the CPU, as `fit` leaves it."""
     x, y = val[0], val[1].numpy()
-    logits = predict(model, x).numpy()
+    logits = predict(model, x, device=device).numpy()
     temperature = calibration.fit_temperature(logits, y)
     calibration.fold_temperature(model, temperature, x[:256])
+    model.cpu()
     print(f"temperature scaling: T = {temperature:.4f}, validation NLL "
           f"{calibration.nll(logits, y):.4f} -> {calibration.nll(logits, y, temperature):.4f}")
     return {calibration.METADATA_KEY: repr(temperature)}
@@ -49,8 +51,10 @@ def main() -> None:
         history = fit(model, loss_fn, TrainSet(*tensors(ds, "train"), augmentation(p)), t.optim, seed=p.seed,
                       checkpoint=Checkpoint(CHECKPOINT, run), val=val, on_epoch=on_epoch,
                       compiled=p.compute.compile, device=p.compute.device, name=f"teacher[{t.loss}]")
-    # the schema refuses these losses without a validation split (config.Data.no_validation_split)
-    metadata = calibrate(model, val) if t.loss in config.TEMPERATURE_SCALED else None
+    # the schema refuses these losses without a validation split (config.Data.no_validation_split);
+    # rank 0 alone writes the weights (finish)
+    scaled = t.loss in config.TEMPERATURE_SCALED and distributed()[0] == 0
+    metadata = calibrate(model, val, p.compute.device) if scaled else None
     finish(model, history, TEACHER, CHECKPOINT, f"teacher {t.net} ({t.loss})", metadata)
 
 

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bayeskd import cache, distill, methods, nets, placement
+from bayeskd import cache, calibration, distill, methods, nets, placement
 from bayeskd.augment import CropFlip
 from bayeskd.batch import Batch
 from bayeskd.config import Optim
@@ -169,6 +169,14 @@ def test_evaluate_and_export_predict_on_the_device(name, shape):
         logits = predict(model, x, batch_size=4, device=cuda)
         assert next(model.parameters()).device == cuda
     assert logits.device.type == "cpu" and logits.shape == (10, CLASSES) and logits.dtype == torch.float32
+
+
+def test_a_temperature_is_folded_where_the_teacher_is():
+    """teacher.loss=ce_ts folds T into the teacher on its device (the probe moves there): on the
+    stand-in device the fold runs up to its check's one read back, once per run."""
+    model = net("cnn_teacher").to(META)
+    with pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors"):
+        calibration.fold_temperature(model, 2.0, torch.rand(4, *SHAPE))
 
 
 def test_the_stand_ins_are_strict():

@@ -48,10 +48,12 @@ def logit_layer(model: nn.Module) -> nn.Linear:
 def fold_temperature(model: nn.Module, temperature: float, probe: torch.Tensor) -> None:
     """Divide the logit layer's weight and bias by T in place, so that the model computes z / T.
     Checked on `probe` inputs: ValueError (the model left as it was) if the outputs are not the
-    old logits divided by T, i.e. the last linear layer is not the one that gives the logits."""
+    old logits divided by T, i.e. the last linear layer is not the one that gives the logits. Run
+    where the model is (the probe moves there)."""
     model.eval()
-    before = model(probe)
     layer = logit_layer(model)
+    probe = probe.to(layer.weight.device)
+    before = model(probe)
     weight, bias = layer.weight.clone(), None if layer.bias is None else layer.bias.clone()
     layer.weight.div_(temperature)
     if layer.bias is not None:
