@@ -67,10 +67,10 @@ def plain(logits, batch, epoch):
 
 
 def steps_on_meta(model: nn.Module, loss_fn, train: TrainSet, extra: nn.Module | None = None,
-                  resident: bool = True) -> None:
+                  resident: bool = True, host_work: tuple[str, ...] = ()) -> None:
     """Place `model`, its `extra` parts and `train` on the meta device as `fit` does (bf16 autocast
     and channels_last on, as on a GPU), then run the epoch's two steps with its tally; the second
-    batch is made and trained on with no host work and nothing read back."""
+    batch is made and trained on with nothing read back and no host work but `host_work`."""
     extra = extra or nn.Module()
     place = Placement.of(model, extra, train, META, BATCH, mixed_precision=True, channels_last=True,
                          resident=resident)
@@ -83,7 +83,7 @@ def steps_on_meta(model: nn.Module, loss_fn, train: TrainSet, extra: nn.Module |
         batch = next(batches)
         terms, logits = train_step(place, loss_fn, opt, extra, batch, 0)
         tally.add(terms, logits, batch)
-    assert host.ops == []
+    assert set(host.ops) == set(host_work)
     assert {t.device for t in (batch.x, batch.y, batch.idx, logits, *terms.values())} == {META}
     assert logits.shape == (BATCH, CLASSES) and next(model.parameters()).device == META
     with pytest.raises((RuntimeError, NotImplementedError)):  # the epoch's one read of its sums
@@ -134,6 +134,23 @@ def test_cached_kd_step(built, method, topk):
     student = net("cnn_student")
     d = distill.distiller(method, student, cache=logit_cache)
     steps_on_meta(student, d.loss_fn, TrainSet(x, y, AUG, d.view_table))
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+def test_cached_kd_step_with_the_cache_in_host_memory(built, topk):
+    """A cache too large for the device stays in host memory: a step gathers its rows there, with
+    the batch's host copies of its indices (no wait for the device), and sends them on without
+    waiting; that gather is the step's only host work."""
+    x, y = data()
+    logit_cache = cache.LogitCache(built[topk], num_samples=N, num_classes=CLASSES, device="cpu")
+    student = net("cnn_student")
+    d = distill.distiller("kd", student, cache=logit_cache)
+    steps_on_meta(student, d.loss_fn, TrainSet(x, y, AUG, d.view_table), host_work=("aten.index.Tensor",))
+    idx, slots = torch.tensor([3, 0, 7]), torch.tensor([2, 1, 0])
+    got = logit_cache.logits(idx.to(META), slots.to(META), idx, slots)
+    assert (got.device, got.dtype, got.shape) == (META, torch.float32, (3, CLASSES))
+    with pytest.raises(NotImplementedError, match="meta"):  # without host copies it reads idx back
+        logit_cache.logits(idx.to(META), slots.to(META))
 
 
 def test_online_kd_step():

@@ -16,6 +16,10 @@ class Batch:
     idx: Tensor  # sample indices into the training set
     slots: Tensor | None = None  # per sample: the column of the view table drawn
     views: Tensor | None = None  # per sample: the view id applied to x
+    # idx and slots in host memory, where the loop draws them: a reader of data held there (a logit
+    # cache too large for the device) gathers with them without waiting for the device
+    host_idx: Tensor | None = None
+    host_slots: Tensor | None = None
 
 
 # loss_fn(logits, batch, epoch) -> named loss terms, summed for the gradient; epoch counts from 0

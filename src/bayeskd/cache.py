@@ -239,7 +239,7 @@ class LogitCache:
         """Each stored array of all shards as one tensor (samples first), on `device` if it fits."""
         m = self.manifest
         size = sum(a.nbytes for arrays in shards for a in arrays.values())
-        home = device if placement.fits(size, device) else torch.device("cpu")
+        home = self.home = device if placement.fits(size, device) else torch.device("cpu")
         joined: dict[str, Tensor] = {}
         for entry, arrays in zip(m["shards"], shards, strict=True):
             for name, array in arrays.items():
@@ -253,18 +253,30 @@ class LogitCache:
                 joined[name][entry["start"] : entry["stop"]] = part
         return joined
 
-    def logits(self, idx: Tensor, slots: Tensor | None = None) -> Tensor:
+    def logits(self, idx: Tensor, slots: Tensor | None = None, host_idx: Tensor | None = None,
+               host_slots: Tensor | None = None) -> Tensor:
         """float32 teacher logits of samples `idx` at `slots` (slot 0 when not given), on idx's
-        device. With the cache on that device, one gather there, with no wait for the device; a
-        cache held in host memory (too large for the device) makes each call wait for its indices."""
-        m, a = self.manifest, self.arrays
-        home = next(iter(a.values())).device
-        at = (idx.to(home), torch.zeros_like(idx, device=home) if slots is None else slots.to(home))
+        device. With the cache on that device, one gather there, with no wait for the device. A
+        cache held in host memory (too large for the device) is gathered there with the host copies
+        of the indices (`host_idx`, `host_slots`: a Batch carries them), and its rows go to the
+        device as stored, from pinned memory, without waiting; without host copies the call waits
+        for its indices."""
+        m, a, device = self.manifest, self.arrays, idx.device
+        if self.home != device:
+            if host_idx is None:
+                host_idx, host_slots = idx.cpu(), None if slots is None else slots.cpu()
+            idx, slots = host_idx, host_slots
+        at = (idx, torch.zeros_like(idx) if slots is None else slots)
+
+        def read(name: str) -> Tensor:
+            rows = a[name][at]
+            if rows.device == device:
+                return rows
+            return (rows.pin_memory() if device.type == "cuda" else rows).to(device, non_blocking=True)
+
         if "logits" in a:
-            out = _decode(a["logits"][at], m["dtype"])
-        else:
-            # the rest's mass, spread evenly over the other classes
-            rest = a["rest_logsumexp"][at] - math.log(m["num_classes"] - m["topk"])
-            out = rest[:, None].expand(-1, m["num_classes"]).clone()
-            out.scatter_(1, a["topk_indices"][at].long(), _decode(a["topk_values"][at], m["dtype"]))
-        return out.to(idx.device, non_blocking=True)
+            return _decode(read("logits"), m["dtype"])
+        # the rest's mass, spread evenly over the other classes
+        rest = read("rest_logsumexp") - math.log(m["num_classes"] - m["topk"])
+        out = rest[:, None].expand(-1, m["num_classes"]).clone()
+        return out.scatter_(1, read("topk_indices").long(), _decode(read("topk_values"), m["dtype"]))

@@ -68,7 +68,8 @@ def distiller(method: str, student: nn.Module, *, hparams: dict | None = None,
         fn = METHODS[method]
         if cache is not None:
             def cached(logits: Tensor, batch: Batch, epoch: int) -> dict[str, Tensor]:
-                return fn(logits, cache.logits(batch.idx, batch.slots), batch.y, epoch, **hp)
+                teacher_logits = cache.logits(batch.idx, batch.slots, batch.host_idx, batch.host_slots)
+                return fn(logits, teacher_logits, batch.y, epoch, **hp)
 
             return Distiller(cached, view_table=cache.view_table)
         if teacher is None:

@@ -259,7 +259,8 @@ class Placement:
         parts = epoch_steps(order, batch_size, self.rank, self.world)
         mine = torch.cat(parts)  # this rank's samples in the order it trains on them
         indices = mine.to(self.device)
-        slots = None if drawn is None else drawn[mine].to(self.device)
+        host_slots = None if drawn is None else drawn[mine]
+        slots = None if host_slots is None else host_slots.to(self.device)
         if self.pinned is not None:
             torch.index_select(self.data.x, 0, mine, out=self.pinned[: len(mine)])
         d, start = self.data, 0
@@ -268,9 +269,9 @@ class Placement:
             idx = indices[start:stop]
             x = d.x[idx] if self.pinned is None else self.pinned[start:stop].to(self.device,
                                                                                 non_blocking=True)
-            batch = Batch(x, d.y[idx], idx)
+            batch = Batch(x, d.y[idx], idx, host_idx=mine[start:stop])
             if d.augment is not None:
-                batch.slots = slots[start:stop]
+                batch.slots, batch.host_slots = slots[start:stop], host_slots[start:stop]
                 batch.views = batch.slots if d.view_table is None else d.view_table[idx, batch.slots]
                 batch.x = d.augment.apply(batch.x, batch.views)
             yield batch
