@@ -162,6 +162,18 @@ def test_temperature_scaling_is_refused_without_a_validation_split():
     assert config.parse(r).teacher.loss == "ce_ts"  # gaussian always holds a validation split out
 
 
+def test_a_batch_smaller_than_the_processes_is_refused():
+    """Each training process takes its part of every batch: with fewer samples than processes a
+    part would be empty (bayeskd.train.epoch_steps)."""
+    msg = error_for(lambda r: (r["compute"].update(processes=4), r["student"]["optim"].update(batch_size=3)))
+    assert msg == ("params.yaml: student.optim.batch_size = 3 is smaller than compute.processes = 4: each "
+                   "process trains on its part of every batch; use a batch of at least 4, or fewer processes")
+    r = raw()
+    r["compute"]["processes"] = 4
+    r["teacher"]["optim"]["batch_size"] = r["student"]["optim"]["batch_size"] = 4
+    assert config.parse(r).compute.processes == 4
+
+
 def test_the_distillation_temperature_of_each_method():
     student = config.parse(raw()).student
     temperature = {m: student.model_copy(update={"method": m}).temperature() for m in config.METHODS}

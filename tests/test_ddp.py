@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
+from torch import nn
 
-from bayeskd.train import epoch_steps
+from bayeskd.train import Placement, TrainingError, TrainSet, epoch_steps
 from conftest import run, tiny_params
 
 SCRIPT = """
@@ -72,6 +74,29 @@ def test_each_rank_gets_a_part_of_every_batch_and_a_tail_below_the_world_is_drop
     assert torch.equal(torch.cat([torch.cat([p[i] for p in parts]) for i in range(2)]), order[:128])
     assert [len(s) for s in epoch_steps(order, 64, 0, 1)] == [64, 64, 2]  # one process drops nothing
     assert [len(s) for s in epoch_steps(torch.arange(130), 64, 1, 2)] == [32, 32, 1]  # 2 samples, 1 each
+
+
+def test_a_rank_pins_host_memory_for_its_own_part_only(tmp_path):
+    """With the training inputs kept in host memory, each rank's buffer holds its part of an epoch
+    (about 1/world of the set), and its batches are its parts of the global batches."""
+    x, y = torch.arange(130.0).reshape(130, 1).expand(130, 4).contiguous(), torch.zeros(130, dtype=torch.long)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:  # DDP wraps the model in a group of one; the placement is rank 1's of 3
+        place = Placement.of(nn.Linear(4, 2), nn.Module(), TrainSet(x, y), torch.device("cpu"), 64, rank=1,
+                             world=3, resident=False)
+        order = torch.randperm(130, generator=torch.Generator().manual_seed(0))
+        got = [b.x[:, 0].long() for b in place.batches(order, None, 64)]
+    finally:
+        dist.destroy_process_group()
+    mine = epoch_steps(order, 64, 1, 3)
+    assert len(place.pinned) == sum(len(p) for p in mine) == 42  # 21 of each 64, not 130
+    assert [b.tolist() for b in got] == [p.tolist() for p in mine]
+
+
+def test_fewer_training_samples_than_processes_is_refused():
+    three = TrainSet(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TrainingError, match="3 training samples for compute.processes = 4: each process"):
+        Placement.of(nn.Linear(4, 2), nn.Module(), three, torch.device("cpu"), 64, rank=0, world=4)
 
 
 @pytest.mark.slow

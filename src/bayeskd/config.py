@@ -225,6 +225,17 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _a_sample_for_every_process(self) -> Params:
+        processes = self.compute.processes
+        for role in ("teacher", "student"):
+            size = getattr(self, role).optim.batch_size
+            if size < processes:
+                raise ValueError(f"{role}.optim.batch_size = {size} is smaller than compute.processes = "
+                                 f"{processes}: each process trains on its part of every batch; use a "
+                                 f"batch of at least {processes}, or fewer processes")
+        return self
+
+    @model_validator(mode="after")
     def _temperature_scaling_needs_validation(self) -> Params:
         missing = self.data.no_validation_split()
         if self.teacher.loss in TEMPERATURE_SCALED and missing:

@@ -62,7 +62,8 @@ from bayeskd.io import Failure, atomic_path
 
 
 class TrainingError(Failure):
-    """Training cannot go on (a non-finite loss); the message says what to change."""
+    """Training cannot go on (a non-finite loss, fewer samples than processes); the message says what
+    to change."""
 
 
 @dataclass
@@ -231,13 +232,19 @@ class Placement:
            rank: int = 0, world: int = 1, compiled: bool = False, mixed_precision: bool | None = None,
            channels_last: bool | None = None, resident: bool | None = None) -> Placement:
         """`resident`: the inputs on the device (default: when they take under half its free memory)."""
+        if len(data.y) < world:
+            raise TrainingError(f"{len(data.y)} training samples for compute.processes = {world}: each "
+                                "process needs at least one; use fewer processes")
         cuda = device.type == "cuda"
         mixed_precision = cuda if mixed_precision is None else mixed_precision
         channels_last = cuda if channels_last is None else channels_last
         model.to(device, memory_format=placement.image_layout(data.x, channels_last))
         extra.to(device)
         resident = placement.fits(data.x.nbytes, device) if resident is None else resident
-        pinned = None if resident else torch.empty(data.x.shape, dtype=data.x.dtype, pin_memory=cuda)
+        # this rank's samples of an epoch: the same count every epoch
+        mine = sum(len(part) for part in epoch_steps(torch.arange(len(data.y)), batch_size, rank, world))
+        pinned = None if resident else torch.empty((mine, *data.x.shape[1:]), dtype=data.x.dtype,
+                                                   pin_memory=cuda)
         table = None if data.view_table is None else data.view_table.to(device)
         placed = TrainSet(data.x.to(device) if resident else data.x, data.y.to(device), data.augment, table)
         if world > 1 and cuda:  # batch-norm statistics of the global batch, as one process has them
