@@ -303,6 +303,9 @@ def cache_build(check: Check, s: dict, work: Path) -> None:
     with check.part(f"e cache build: {n} images x all 162 views of {s['e_net']}") as f:
         x, y = images(n, seed=3)
         teacher = net(s["e_net"]).eval()
+        # as the cache_logits stage runs: it trains nothing and asks for no deterministic algorithms
+        # (the earlier parts' training did)
+        torch.use_deterministic_algorithms(False)
         start = time.perf_counter()
         m = cache.build(teacher, x, y, work / "e-cache", num_classes=CLASSES, augment=CropFlip(4),
                         views="all", seed=0, dtype="float16", shard_size=n, topk=0,
