@@ -142,7 +142,7 @@ def loop_steps(model: nn.Module, loss_fn: LossFn, data: TrainSet, batch: int, st
     model.train()
     extra.train()
     order, drawn = epoch_draws(len(data.y), 0, 0, data.slots)
-    batches, tally = place.batches(order, drawn, batch), Tally(device)
+    batches, tally = place.batches(order, drawn), Tally(device)
 
     def step() -> None:
         b = next(batches)

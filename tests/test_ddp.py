@@ -85,7 +85,7 @@ def test_a_rank_pins_host_memory_for_its_own_part_only(tmp_path):
         place = Placement.of(nn.Linear(4, 2), nn.Module(), TrainSet(x, y), torch.device("cpu"), 64, rank=1,
                              world=3, resident=False)
         order = torch.randperm(130, generator=torch.Generator().manual_seed(0))
-        got = [b.x[:, 0].long() for b in place.batches(order, None, 64)]
+        got = [b.x[:, 0].long() for b in place.batches(order, None)]
     finally:
         dist.destroy_process_group()
     mine = epoch_steps(order, 64, 1, 3)
@@ -93,10 +93,12 @@ def test_a_rank_pins_host_memory_for_its_own_part_only(tmp_path):
     assert [b.tolist() for b in got] == [p.tolist() for p in mine]
 
 
-def test_fewer_training_samples_than_processes_is_refused():
-    three = TrainSet(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(TrainingError, match="3 training samples for compute.processes = 4: each process"):
-        Placement.of(nn.Linear(4, 2), nn.Module(), three, torch.device("cpu"), 64, rank=0, world=4)
+@pytest.mark.parametrize("samples,batch", [(3, 64), (100, 3)])
+def test_fewer_samples_or_a_smaller_batch_than_processes_is_refused(samples, batch):
+    train = TrainSet(torch.zeros(samples, 4), torch.zeros(samples, dtype=torch.long))
+    why = f"a batch of {batch} and {samples} training samples for compute.processes = 4: each process needs"
+    with pytest.raises(TrainingError, match=why):
+        Placement.of(nn.Linear(4, 2), nn.Module(), train, torch.device("cpu"), batch, rank=0, world=4)
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def steps_on_meta(model: nn.Module, loss_fn, train: TrainSet, extra: nn.Module |
                          resident=resident)
     opt = make_optimizer([*model.parameters(), *extra.parameters()], CFG)
     order, drawn = epoch_draws(len(train.y), seed=0, epoch=0, slots=train.slots)
-    batches, tally = place.batches(order, drawn, BATCH), Tally(META)
+    batches, tally = place.batches(order, drawn), Tally(META)
     first = next(batches)
     tally.add(*train_step(place, loss_fn, opt, extra, first, 0), first)
     with HostWork() as host:

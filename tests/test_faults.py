@@ -405,12 +405,15 @@ def test_a_stage_refuses_parameters_validated_by_a_later_or_running_dvc_command(
     (tmp_path / "checks").touch()
     assert "begun after this one or still running" in stage.communicate(timeout=60)[0]
     validating = dvc(VALIDATE + WAIT, str(tmp_path / "ends"), wait=False)
+    deadline = time.monotonic() + 60
     while json.loads((tmp_path / runs.MARKER).read_text())["dvc"]["pid"] != validating.pid:
+        assert validating.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     assert "begun after this one or still running" in dvc(CHECK).stdout.read()  # the validator still runs
     (tmp_path / "ends").touch()
     validating.wait(timeout=60)
     assert dvc(CHECK).stdout.read().strip() == "ok"
+
 
 def test_two_experiments_in_one_workspace_do_not_mix_their_parameters(project, tmp_path):
     """`dvc exp run -S seed=1 & dvc exp run -S seed=2`, the second while the first trains its teacher:

@@ -262,16 +262,20 @@ class LogitCache:
         device as stored, from pinned memory, without waiting; without host copies the call waits
         for its indices."""
         m, a, device = self.manifest, self.arrays, idx.device
-        if self.home != device:
-            if host_idx is None:
+        if self.home.type == "cpu" and device.type != "cpu":  # held in host memory, read for a device
+            if host_idx is None or (host_slots is None) != (slots is None):
                 host_idx, host_slots = idx.cpu(), None if slots is None else slots.cpu()
             idx, slots = host_idx, host_slots
+        else:
+            idx, slots = idx.to(self.home), None if slots is None else slots.to(self.home)
         at = (idx, torch.zeros_like(idx) if slots is None else slots)
 
         def read(name: str) -> Tensor:
             rows = a[name][at]
             if rows.device == device:
                 return rows
+            if rows.device.type != "cpu":  # a device's rows for the host: wait for them
+                return rows.to(device)
             return (rows.pin_memory() if device.type == "cuda" else rows).to(device, non_blocking=True)
 
         if "logits" in a:

@@ -10,9 +10,9 @@ So:
   same for the same parameters);
 - every stage that DVC runs checks, before it starts, that params.yaml is the validated one and
   that they were not validated by another DVC command that began after its own or is still running
-  (start times as the OS records them, so both sides read the same clock: a stage's DVC command may
-  start within a second of the one that validated, as the Prefect flow runs them); and, when it
-  ends, that params.yaml did not change while it ran. A stage run by hand reads params.yaml as it is.
+  (start times since the machine booted, exact to the OS's tick: a stage's DVC command may start
+  within a second of the one that validated, as the Prefect flow runs them); and, when it ends,
+  that params.yaml did not change while it ran. A stage run by hand reads params.yaml as it is.
 """
 
 from __future__ import annotations
@@ -43,27 +43,49 @@ def params_digest() -> str | None:
         return None
 
 
+def _since_boot(process) -> float:
+    """When `process` started, in seconds since the machine booted. psutil's create_time() is that
+    plus the boot time, which Linux gives in whole seconds and moves when the clock is adjusted;
+    the difference is exact, and comparable between processes."""
+    import psutil
+
+    return round(process.create_time() - psutil.boot_time(), 2)
+
+
+def _boot() -> str:
+    """This boot of the machine: Linux's boot id, elsewhere the boot time."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        import psutil
+
+        return str(round(psutil.boot_time()))
+
+
 def dvc_command() -> dict | None:
-    """The DVC command running this process: its pid, start time and command line; None if none is
-    found (DVC called from Python)."""
+    """The DVC command running this process: its pid, start (`_since_boot`, in this `boot`) and
+    command line; None if none is found (DVC called from Python)."""
     import psutil
 
     try:
         for p in psutil.Process().parents():
             args = p.cmdline()
             if any(Path(a).name == "dvc" for a in args[:2]) or args[1:3] == ["-m", "dvc"]:
-                return {"pid": p.pid, "started": p.create_time(), "cmd": " ".join(args[1:])[:200]}
+                return {"pid": p.pid, "started": _since_boot(p), "boot": _boot(),
+                        "cmd": " ".join(args[1:])[:200]}
     except psutil.Error:
         return None
     return None
 
 
 def _running(command: dict) -> bool:
-    """Whether the DVC command recorded by dvc_command() still runs (its pid, not reused since)."""
+    """Whether the DVC command recorded by dvc_command() in this boot still runs (its pid, not
+    reused since: the same start)."""
     import psutil
 
     try:
-        return abs(psutil.Process(command["pid"]).create_time() - command["started"]) < 1
+        p = psutil.Process(command["pid"])
+        return _since_boot(p) == command["started"] and p.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, KeyError, TypeError):
         return False
 
@@ -91,7 +113,7 @@ def problem(digest: str | None) -> str | None:
                 + ADVICE)
     marker, me = _read(MARKER), dvc_command()
     other = marker.get("dvc")
-    if (me and isinstance(other, dict) and other.get("pid") != me["pid"]
+    if (me and isinstance(other, dict) and other.get("boot") == me["boot"] and other.get("pid") != me["pid"]
             and (other.get("started", 0) > me["started"] or _running(other))):
         return (f"another DVC run (PID {other.get('pid')}: {other.get('cmd')}), begun after this one or "
                 "still running, rewrote params.yaml and validated it; this stage stops before it mixes two "

@@ -220,6 +220,7 @@ class Placement:
     net: nn.Module  # the model as a batch of the full size runs it (DDP, torch.compile)
     eager: nn.Module  # as a batch of another size runs it: not compiled
     full: int  # this rank's samples in a full batch
+    batch_size: int  # the global batch
     device: torch.device
     data: TrainSet  # labels and view table on the device; inputs there too, unless `pinned`
     mixed_precision: bool
@@ -232,9 +233,10 @@ class Placement:
            rank: int = 0, world: int = 1, compiled: bool = False, mixed_precision: bool | None = None,
            channels_last: bool | None = None, resident: bool | None = None) -> Placement:
         """`resident`: the inputs on the device (default: when they take under half its free memory)."""
-        if len(data.y) < world:
-            raise TrainingError(f"{len(data.y)} training samples for compute.processes = {world}: each "
-                                "process needs at least one; use fewer processes")
+        if min(batch_size, len(data.y)) < world:
+            raise TrainingError(f"a batch of {batch_size} and {len(data.y)} training samples for "
+                                f"compute.processes = {world}: each process needs a part of every batch; "
+                                "use fewer processes")
         cuda = device.type == "cuda"
         mixed_precision = cuda if mixed_precision is None else mixed_precision
         channels_last = cuda if channels_last is None else channels_last
@@ -253,17 +255,17 @@ class Placement:
                                                                  device_ids=[device.index] if cuda else None)
         first = min(batch_size, len(data.y))
         full = first // world + (rank < first % world)
-        return cls(torch.compile(eager) if compiled else eager, eager, full, device, placed, mixed_precision,
-                   rank, world, pinned)
+        return cls(torch.compile(eager) if compiled else eager, eager, full, batch_size, device, placed,
+                   mixed_precision, rank, world, pinned)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return placement.autocast(self.device, self.mixed_precision)
 
-    def batches(self, order: Tensor, drawn: Tensor | None, batch_size: int) -> Iterator[Batch]:
+    def batches(self, order: Tensor, drawn: Tensor | None) -> Iterator[Batch]:
         """This rank's batches of an epoch, from its order and drawn view slots (made on the CPU):
         its sample indices and slots move to the device in one copy each; each batch is gathered
         on the device, or copied without waiting from the pinned buffer of the epoch's inputs."""
-        parts = epoch_steps(order, batch_size, self.rank, self.world)
+        parts = epoch_steps(order, self.batch_size, self.rank, self.world)
         mine = torch.cat(parts)  # this rank's samples in the order it trains on them
         indices = mine.to(self.device)
         host_slots = None if drawn is None else drawn[mine]
@@ -395,7 +397,7 @@ def fit(
         # a bar on a terminal only (disable=None); logs get the one line per epoch below
         with tqdm(total=len(sizes), desc=f"{name} epoch {epoch + 1}", unit="step", leave=False,
                   disable=None if rank == 0 else True) as progress:
-            for batch in place.batches(order, drawn, cfg.batch_size):
+            for batch in place.batches(order, drawn):
                 tally.add(*train_step(place, loss_fn, opt, extra, batch, epoch), batch)
                 progress.update(1)
         sums = tally.totals(world)
