@@ -383,7 +383,8 @@ CHECK = "from bayeskd import runs\nprint(runs.problem('d') or 'ok')\n"
 def test_a_stage_refuses_parameters_validated_by_a_later_or_running_dvc_command(tmp_path):
     """Which DVC command validated the parameters, against the stage's own: one that ran before it
     (a flow runs check_params, then each stage, in separate commands, the next often within a
-    second) is fine; one begun after it, or still running, is another run. Real processes."""
+    second) or in an earlier boot of the machine is fine; one begun after it, or still running, is
+    another run. Real processes."""
     (tmp_path / "dvc").write_text(DVC)
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
     (tmp_path / "reports").mkdir()
@@ -412,6 +413,13 @@ def test_a_stage_refuses_parameters_validated_by_a_later_or_running_dvc_command(
     assert "begun after this one or still running" in dvc(CHECK).stdout.read()  # the validator still runs
     (tmp_path / "ends").touch()
     validating.wait(timeout=60)
+    assert dvc(CHECK).stdout.read().strip() == "ok"
+    marker = json.loads((tmp_path / runs.MARKER).read_text())
+    marker["dvc"]["started"] += 1e6  # begun after this one...
+    (tmp_path / runs.MARKER).write_text(json.dumps(marker))
+    assert "begun after this one" in dvc(CHECK).stdout.read()
+    marker["dvc"]["boot"] = "another boot"  # ...but in an earlier boot of the machine
+    (tmp_path / runs.MARKER).write_text(json.dumps(marker))
     assert dvc(CHECK).stdout.read().strip() == "ok"
 
 
