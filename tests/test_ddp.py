@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import safe_open
 from torch import nn
 
+from bayeskd import calibration
 from bayeskd.train import Placement, TrainingError, TrainSet, epoch_steps
 from conftest import run, tiny_params
 
@@ -103,13 +105,16 @@ def test_fewer_samples_or_a_smaller_batch_than_processes_is_refused(samples, bat
 
 @pytest.mark.slow
 def test_training_stage_with_two_processes(built):
-    """The teacher stage under two processes, on the shared built project's prepared data."""
+    """The teacher stage under two processes, on the shared built project's prepared data, with a
+    temperature-scaled teacher: rank 0 alone fits the temperature and writes the weights."""
     project = built
-    params = tiny_params(**{"compute.processes": 2})
+    params = tiny_params(**{"compute.processes": 2, "teacher.loss": "ce_ts"})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (project / "models/teacher.safetensors").unlink()  # the outputs below are this run's
     shutil.rmtree(project / "dvclive/teacher")
     out = run(["python", "-m", "bayeskd.launch", "stages/train_teacher.py"], project)
-    assert out.stdout.count("teacher mlp_teacher (ce) done") == 1  # rank 0 alone reports and writes
-    assert (project / "models/teacher.safetensors").exists()
+    assert out.stdout.count("teacher mlp_teacher (ce_ts) done") == 1  # rank 0 alone reports and writes
+    assert out.stdout.count("temperature scaling: T = ") == 1
+    with safe_open(project / "models/teacher.safetensors", "pt") as f:
+        assert float(f.metadata()[calibration.METADATA_KEY]) > 0
     assert len((project / "dvclive/teacher/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + 3
