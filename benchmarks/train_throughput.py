@@ -57,18 +57,24 @@ class PILImages(Dataset):
 
 
 @contextlib.contextmanager
-def common_practice() -> Iterator[None]:
-    """The settings common training code runs with: no deterministic algorithms, cuDNN's autotuner
-    on (this project's loop asks for deterministic algorithms); restored afterwards."""
+def algorithms(deterministic: bool, benchmark: bool) -> Iterator[None]:
+    """torch's deterministic-algorithms switch and cuDNN's autotuner set as given; restored
+    afterwards."""
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(False)
-    torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = benchmark
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark = saved[2]
+
+
+def common_practice() -> contextlib.AbstractContextManager:
+    """The settings common training code runs with: no deterministic algorithms, cuDNN's autotuner
+    on (this project's loop asks for deterministic algorithms)."""
+    return algorithms(deterministic=False, benchmark=True)
 
 
 @contextlib.contextmanager

@@ -239,7 +239,7 @@ class LogitCache:
         """Each stored array of all shards as one tensor (samples first), on `device` if it fits."""
         m = self.manifest
         size = sum(a.nbytes for arrays in shards for a in arrays.values())
-        home = self.home = device if placement.fits(size, device) else torch.device("cpu")
+        home = device if placement.fits(size, device) else torch.device("cpu")
         joined: dict[str, Tensor] = {}
         for entry, arrays in zip(m["shards"], shards, strict=True):
             for name, array in arrays.items():
@@ -252,6 +252,11 @@ class LogitCache:
                                      f"{len(part)} samples, not {entry['stop'] - entry['start']})")
                 joined[name][entry["start"] : entry["stop"]] = part
         return joined
+
+    @property
+    def home(self) -> torch.device:
+        """Where the cache is held: the device, or host memory (bayeskd.placement.fits)."""
+        return next(iter(self.arrays.values())).device
 
     def logits(self, idx: Tensor, slots: Tensor | None = None, host_idx: Tensor | None = None,
                host_slots: Tensor | None = None) -> Tensor:

@@ -5,8 +5,8 @@ second writes its parameters into params.yaml before DVC's lock refuses it, and 
 check_params (DVC locks only the files of the stage it runs), while the first goes on with them.
 So:
 - check_params records the digest of the parameter values it validated (`config.VALIDATED_FILE`,
-  an output: the same for the same parameters), and which DVC command validated them, and when
-  (`MARKER`, under .dvc/tmp: it differs on every run, so it is no output, and dvc.lock stays the
+  an output: the same for the same parameters), and which DVC command validated them, with its
+  start (`MARKER`, under .dvc/tmp: it differs on every run, so it is no output, and dvc.lock stays the
   same for the same parameters);
 - every stage that DVC runs checks, before it starts, that params.yaml is the validated one and
   that they were not validated by another DVC command that began after its own or is still running
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from bayeskd import config
@@ -92,9 +91,9 @@ def _running(command: dict) -> bool:
 
 def mark(digest: str) -> None:
     """For check_params, once it has written config.VALIDATED_FILE: which DVC command validated the
-    parameters with `digest`, and when."""
+    parameters with `digest`."""
     if under_dvc() and Path(MARKER).parent.is_dir():
-        write_json(MARKER, {"params_sha256": digest, "dvc": dvc_command(), "at": time.time()})
+        write_json(MARKER, {"params_sha256": digest, "dvc": dvc_command()})
 
 
 def _read(path: str) -> dict:

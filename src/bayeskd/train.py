@@ -243,10 +243,10 @@ class Placement:
         model.to(device, memory_format=placement.image_layout(data.x, channels_last))
         extra.to(device)
         resident = placement.fits(data.x.nbytes, device) if resident is None else resident
-        # this rank's samples of an epoch: the same count every epoch
-        mine = sum(len(part) for part in epoch_steps(torch.arange(len(data.y)), batch_size, rank, world))
-        pinned = None if resident else torch.empty((mine, *data.x.shape[1:]), dtype=data.x.dtype,
-                                                   pin_memory=cuda)
+        pinned = None
+        if not resident:  # for this rank's samples of an epoch: the same count every epoch
+            mine = sum(map(len, epoch_steps(torch.arange(len(data.y)), batch_size, rank, world)))
+            pinned = torch.empty((mine, *data.x.shape[1:]), dtype=data.x.dtype, pin_memory=cuda)
         table = None if data.view_table is None else data.view_table.to(device)
         placed = TrainSet(data.x.to(device) if resident else data.x, data.y.to(device), data.augment, table)
         if world > 1 and cuda:  # batch-norm statistics of the global batch, as one process has them
